@@ -1,0 +1,380 @@
+"""gen_data.py: determinism, replay of every trajectory, summaries carry the facts, variant shapes, no split
+leakage, verification drops a broken summary, augmentation stays replayable, bad args leave nothing behind."""
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import gen_data as G  # noqa: E402
+import tools  # noqa: E402
+
+SMALL = ["--num-episodes", "240", "--num-rl", "40", "--stats-sample", "30", "--stats-vocab-size", "400",
+         "--miss-param-rate", "0.15", "--miss-func-rate", "0.15", "--long-context-rate", "0.1", "--error-recovery-rate", "0.15",
+         "--paraphrase-rate", "0.2", "--schema-rate", "0.2", "--mask-rate", "0.2"]
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(x) for x in f]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    G.main(SMALL + ["--out-dir", str(out)])
+    return {k: read(out / f"{k}.jsonl") for k in ("train", "val", "test", "rl")}, out
+
+
+def funcs(task):
+    return {c["name"] for t in task["turns"] for s in t["gt"] for c in s}
+
+
+def unrename(line):
+    """Map a schema-perturbed line's calls back to the real parameter names."""
+    back = {f: {v: k for k, v in m.items()} for f, m in line["tags"].get("schema_renames", {}).items()}
+    out = []
+    for m in line["messages"]:
+        if m["role"] == "assistant" and back:
+            p = tools.parse_message(m["content"])
+            calls = [{"name": c["name"], "arguments": {back.get(c["name"], {}).get(k, k): v for k, v in c["arguments"].items()}}
+                     for c in p.calls]
+            m = dict(m, content=tools.render_message(p.summary, p.plan, calls, p.content))
+        out.append(m)
+    return out
+
+
+def feed(line, messages=None):
+    """Drive a fresh Episode with the reference assistant messages."""
+    ep = tools.Episode(line, pa="<summary>" in line["messages"][0]["content"])
+    ep.reset()
+    for m in messages or line["messages"]:
+        if m["role"] == "assistant":
+            ep.step(m["content"])
+    return ep
+
+
+def test_same_seed_same_bytes_and_seed_matters(tmp_path):
+    args = ["--num-episodes", "40", "--num-rl", "8", "--stats-sample", "10", "--stats-vocab-size", "300"]
+    for d, hash_seed in (("a", "1"), ("b", "2")):  # separate processes, different str hashing: no set-order leaks
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "gen_data.py"), *args, "--out-dir", str(tmp_path / d)],
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED=hash_seed))
+        assert p.returncode == 0, p.stderr
+    G.main(args + ["--out-dir", str(tmp_path / "c"), "--seed", "1"])
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == ["rl.jsonl", "stats.json", "test.jsonl", "train.jsonl", "val.jsonl"]
+    for n in names:
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+    assert (tmp_path / "a" / "train.jsonl").read_bytes() != (tmp_path / "c" / "train.jsonl").read_bytes()
+
+
+def test_every_reference_trajectory_replays_with_full_reward(data):
+    splits, _ = data
+    n = 0
+    for name in ("train", "val", "test"):
+        for line in splits[name]:
+            ep = feed(line, unrename(line))
+            parts = ep.reward_parts()
+            assert ep.success and parts["format"] == parts["turns"] == parts["success"] == 1.0, (line["id"], parts)
+            assert parts["awareness"] == 1.0 and parts["efficiency"] == 1.0, (line["id"], parts)
+            # the messages are exactly what the Episode shows (schema copies: up to the recorded renames)
+            same = lambda m: m["role"] != "user" or "<tools>" not in m["content"] or "schema_renames" not in line["tags"]  # noqa: E731
+            assert [m["content"] for m in ep.messages if same(m)] == [m["content"] for m in unrename(line) if same(m)], line["id"]
+            n += 1
+    for line in splits["rl"]:  # RL tasks: no trajectories, but the ground truth replays
+        assert "messages" not in line and "tools" not in line
+        assert tools.replay(line, tools.ground_truth_calls(line)).success
+    assert n > 200
+
+
+def test_summaries_carry_the_facts_later_turns_need(data):
+    # a value a later turn needs that came from a tool result (and is not in that turn's request) must be in the
+    # summary that ends the turn where it was learned, and in every summary until it is used: summary context
+    # mode carries only that summary into the next turn
+    splits, _ = data
+    checked = 0
+    for line in splits["train"] + splits["test"]:
+        if line["tags"].get("augment") or "<summary>" not in line["messages"][0]["content"]:
+            continue
+        turn, results, finals = -1, [], {}
+        for m in line["messages"][1:]:
+            if m["role"] == "user":
+                turn += 1
+            elif m["role"] == "tool":
+                results.append(m["content"])
+            elif not tools.parse_message(m["content"]).calls:
+                finals[turn] = (tools.parse_message(m["content"]).summary, list(results))
+        for i, (summary, seen) in finals.items():
+            for j in range(i + 1, len(line["turns"])):
+                for s in line["turns"][j]["gt"]:
+                    for c in s:
+                        for v in map(str, tools._scalars(c["arguments"])):
+                            quoted = json.dumps(v)
+                            if len(v) >= 2 and any(quoted in r for r in seen) and not G.has_word(line["turns"][j]["user"], v):
+                                assert v in summary, (line["id"], i, j, v, summary)
+                                checked += 1
+    assert checked > 20
+
+
+def test_has_word():
+    assert G.has_word('{"id":"m1"}', "m1") and not G.has_word('{"id":"m101"}', "m1")
+    assert G.has_word("80 percent.", "80") and G.has_word("pay 80", "80") and G.has_word("80", "80")
+    assert not G.has_word("balance 1500.0", "100") and G.has_word("pay 100 now", "100") and not G.has_word("12.5", "12")
+
+
+def test_variant_shapes(data):
+    splits, _ = data
+    lines = splits["train"] + splits["val"] + splits["test"]
+    seen = set()
+    for line in lines:
+        turns = line["turns"]
+        for i, t in enumerate(turns):
+            msgs = turn_messages(line, i)
+            if t["type"] == "miss_param":
+                nxt = turns[i + 1]
+                assert t["gt"] == [] and nxt["gt"] and nxt["type"] == "normal"
+                supplied = [v for s in nxt["gt"] for c in s for v in map(str, tools._scalars(c["arguments"]))
+                            if G.has_word(nxt["user"], v) and v not in {w.strip(".,?!'") for w in t["user"].split()}]
+                assert supplied, (line["id"], t["user"], nxt["user"])  # the next turn gives the missing value
+                assert not any(m["role"] == "tool" for m in msgs)  # the reference asks instead of calling
+            elif t["type"] == "miss_func":
+                nxt = turns[i + 1]
+                (f,) = nxt["add_functions"]
+                assert t["gt"] == [] and f in line["held_out"] and f in {c["name"] for s in nxt["gt"] for c in s}
+                assert f not in {s["function"]["name"] for s in line["tools"]}
+                assert not any(c["name"] == f for x in turns[:i + 1] for s in x["gt"] for c in s)
+                assert "<tools>" in turn_messages(line, i + 1)[0]["content"]
+            elif t["type"] == "long_context":
+                assert max(len(m["content"]) for m in msgs if m["role"] == "tool") >= 1500
+            elif t["type"] == "error_recovery":
+                errs = ['"error"' in m["content"] for m in msgs if m["role"] == "tool"]
+                assert any(errs) and not errs[-1], line["id"]  # a call fails, a later one succeeds
+                failed = [json.loads(m["content"])["name"] for m in msgs if m["role"] == "tool" and '"error"' in m["content"]]
+                assert failed[0] in [c["name"] for s in t["gt"][1:] for c in s]  # ... and is made again, corrected
+            seen.add(t["type"])
+    assert seen == set(tools.TURN_TYPES)
+
+
+def turn_messages(line, i):
+    """The messages of user turn i, starting with its user message."""
+    starts = [k for k, m in enumerate(line["messages"]) if m["role"] == "user"] + [len(line["messages"])]
+    return line["messages"][starts[i]:starts[i + 1]]
+
+
+def test_no_split_leakage(data):
+    splits, _ = data
+    pairs = G.parse_pairs(G.parser.get_default("held_out_pairs"))
+    train_keys = {G.task_key(t) for t in splits["train"]}
+    for name in ("val", "test", "rl"):
+        assert not train_keys & {G.task_key(t) for t in splits[name]}, name
+    for name in ("train", "val", "rl"):
+        for t in splits[name]:
+            assert not any(set(p) <= funcs(t) for p in pairs), (name, t["id"])
+    test = splits["test"]
+    comp = [t for t in test if t["tags"]["slice"] == "held_out_composition"]
+    long_ = [t for t in test if t["tags"]["slice"] == "long_horizon"]
+    assert comp and all(any(set(p) <= funcs(t) for p in pairs) for t in comp)
+    assert long_ and min(len(t["turns"]) for t in long_) > max(len(t["turns"]) for t in splits["train"])
+    ids = [t["id"] for s in splits.values() for t in s]
+    assert len(ids) == len(set(ids))
+    assert all(t["split"] == name for name, s in splits.items() for t in s)
+
+
+def test_stats_file(data):
+    splits, out = data
+    st = json.loads((out / "stats.json").read_text())
+    assert st["episodes"] == {k: len(v) for k, v in splits.items()}
+    tr = st["train"]
+    assert tr["turns_max"] <= 4 and tr["distinct_user_strings"] > 0.5 * tr["user_turns"]
+    assert st["tokens"]["train"]["mean"] > 100 and set(tr["augmented"]) == {"paraphrase", "schema", "mask"}
+
+
+def test_augmented_copies(data):
+    splits, _ = data
+    by_id = {t["id"]: t for t in splits["train"]}
+    aug = [t for t in splits["train"] if t["tags"].get("augment")]
+    assert {t["tags"]["augment"] for t in aug} == {"paraphrase", "schema", "mask"}
+    for t in aug:
+        orig = by_id[t["id"].rsplit("-", 1)[0]]
+        assert t["turns"][0]["gt"] == orig["turns"][0]["gt"]
+        if t["tags"]["augment"] == "schema":
+            offered = {s["function"]["name"]: s for s in t["tools"]}
+            renames = t["tags"]["schema_renames"]
+            for m in t["messages"]:
+                for c in tools.parse_message(m["content"]).calls if m["role"] == "assistant" else []:
+                    if c["name"] in offered:  # every argument is a parameter of the perturbed schema
+                        assert set(c["arguments"]) <= set(offered[c["name"]]["function"]["parameters"]["properties"])
+            assert renames or t["tools"] != orig["tools"]
+        else:
+            assert [x["user"] for x in t["turns"]] != [x["user"] for x in orig["turns"]]
+
+
+def oracle(contexts):
+    """A fake model that makes a step's ground-truth calls iff every value they need (>= 2 characters) is in what
+    it was shown (summary + plan + request), else calls with '?' in place of the missing values."""
+    out = []
+    for msgs, _ in contexts:
+        shown = msgs[-1]["content"]
+        calls = ORACLE_GT[shown]
+        inferable = lambda f, k, v: len(str(v)) < 2 or not isinstance(v, (str, int, float)) or "enum" in \
+            tools.SCHEMAS[f]["function"]["parameters"]["properties"][k]  # noqa: E731  ("get me 3 shares": side=buy)
+        fixed = [{"name": c["name"], "arguments": {k: v if inferable(c["name"], k, v) or str(v) in shown else "?"
+                                                   for k, v in c["arguments"].items()}} for c in calls]
+        out.append(tools.render_message("s", "p", fixed))
+    return out
+
+
+ORACLE_GT = {}
+
+
+def test_verification_drops_a_broken_summary(data):
+    splits, _ = data
+    lines = [t for t in splits["train"] if not t["tags"].get("augment")][:60]
+    for line in lines:
+        for _, _, ctx, _, calls in G.annotated_steps(line):
+            ORACLE_GT[ctx[-1]["content"]] = calls
+    kept, dropped, n, ok = G.verify(lines, oracle)
+    assert len(kept) == len(lines) and dropped == [] and ok == n > 60  # exact summaries are sufficient
+    # break one summary: drop its "Known:" facts from a step that needs one
+    broken = copy.deepcopy(lines)
+    target = None
+    for line in broken:
+        for m in line["messages"]:
+            p = tools.parse_message(m["content"]) if m["role"] == "assistant" else None
+            if p and p.calls and "Known:" in p.summary and any(
+                    v in p.summary.split("Known:")[1] and v not in turn_user(line, m) for c in p.calls
+                    for v in map(str, tools._scalars(c["arguments"])) if len(v) >= 2):
+                m["content"] = tools.render_message(p.summary.split(" Known:")[0], p.plan, p.calls)
+                target = line["id"]
+                break
+        if target:
+            break
+    assert target
+    for line in broken:
+        for _, _, ctx, _, calls in G.annotated_steps(line):
+            ORACLE_GT.setdefault(ctx[-1]["content"], calls)
+    kept, dropped, n2, ok2 = G.verify(broken, oracle)
+    assert [d["id"] for d in dropped] == [target] and dropped[0]["reason"].startswith("wrong arguments")
+    assert len(kept) == len(lines) - 1 and ok2 == n2 - 1
+
+
+def turn_user(line, msg):
+    """The user message of the turn `msg` belongs to."""
+    user = None
+    for m in line["messages"]:
+        if m["role"] == "user":
+            user = m["content"]
+        if m is msg:
+            return user
+
+
+def test_compare_calls():
+    want = [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]
+    assert G.compare_calls(tools.render_message("s", "p", want[::-1]), want) == ""
+    assert G.compare_calls("<summary>s</summary>no calls", want) == "no tool call"
+    assert G.compare_calls(tools.render_message("s", "p", want[:1]), want).startswith("wrong function")
+    assert G.compare_calls(tools.render_message("s", "p", [{"name": "f", "arguments": {"a": 2}}, want[1]]), want).startswith("wrong arguments")
+
+
+def test_verify_with_a_real_tiny_model(data, tmp_path):
+    # the model path end to end: save a tiny random model, verify a few lines with it (it fails: random weights)
+    import torch  # noqa: F401
+    import model as M
+    splits, _ = data
+    lines = splits["train"][:2]
+    texts = [m["content"] for t in lines for m in t["messages"]]
+    tok = M.train_tokenizer(texts, 300)
+    cfg = M.tiny_config(len(tok), dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64, max_seq_len=4096,
+                        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
+    M.save_model(M.Transformer(cfg).init_weights(0), tok, str(tmp_path / "ckpt"))
+    gen = G.model_generator(str(tmp_path / "ckpt"), "cpu", max_new_tokens=8, max_len=4096, batch_size=4)
+    kept, dropped, n, ok = G.verify(lines, gen)
+    assert n == sum(len(G.annotated_steps(x)) for x in lines) and ok + len(dropped) == n
+    assert all(d["reason"] for d in dropped)
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "gen_data.py"), *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("args, msg", [(["--val-frac", "2"], "--val-frac"), (["--max-turns", "9"], "--max-turns"),
+                                       (["--held-out-pairs", "nope+ls"], "--held-out-pairs"),
+                                       (["--verify-with", "/nonexistent/ckpt"], "no such checkpoint"),
+                                       (["--pa", "none", "--teacher", "."], "need --pa programmatic")])
+def test_bad_args_fail_clearly_and_write_nothing(tmp_path, args, msg):
+    out = tmp_path / "out"
+    p = run_cli(*args, "--out-dir", str(out), "--num-episodes", "20")
+    assert p.returncode != 0 and msg in p.stderr, p.stderr
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_unwritable_out_dir(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    p = run_cli("--out-dir", str(f / "sub"), "--num-episodes", "20")
+    assert p.returncode != 0 and "Traceback" not in p.stderr and str(f) in p.stderr
+
+
+def test_write_all_is_atomic(tmp_path, monkeypatch):
+    (tmp_path / "train.jsonl").write_text("old\n")
+    real = open
+
+    def failing(path, *a, **k):
+        if "val" in str(path):
+            raise OSError("disk full")
+        return real(path, *a, **k)
+    monkeypatch.setattr("builtins.open", failing)
+    with pytest.raises(OSError):
+        G.write_all(str(tmp_path), {"train.jsonl": "new\n", "val.jsonl": "new\n"})
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["train.jsonl"] and (tmp_path / "train.jsonl").read_text() == "old\n"
+
+
+def test_no_awareness_data(tmp_path):
+    splits, _ = G.main(["--num-episodes", "30", "--num-rl", "5", "--pa", "none", "--stats-sample", "10",
+                        "--stats-vocab-size", "300", "--out-dir", str(tmp_path)])
+    for line in splits["train"]:
+        assert not any(re.search("<summary>|<plan>", m["content"]) for m in line["messages"][1:] if m["role"] == "assistant")
+        assert feed(line, unrename(line)).success
+
+
+@pytest.mark.skipif(not tools.bfcl_available(), reason="bfcl-eval not installed")
+def test_bfcl_source_split_by_entry_id(tmp_path):
+    splits, _ = G.main(["--source", "bfcl", "--bfcl-limit", "8", "--stats-sample", "5", "--stats-vocab-size", "300",
+                        "--out-dir", str(tmp_path), "--paraphrase-rate", "0", "--mask-rate", "0", "--schema-rate", "0"])
+    ids = {k: {t["id"] for t in v} for k, v in splits.items()}
+    assert all(not ids[a] & ids[b] for a in ids for b in ids if a < b)
+    assert len(ids["test"]) == 16 and len(ids["train"]) > 0
+    for line in splits["train"] + splits["test"]:
+        ep = feed(line)
+        assert ep.success and ep.reward_parts()["awareness"] == 1.0, line["id"]
+
+
+def test_teacher_rewrites_are_kept_only_if_the_facts_survive(data):
+    splits, _ = data
+    lines = [t for t in splits["train"] if not t["tags"].get("augment")][:20]
+    n = sum(m["role"] == "assistant" for x in lines for m in x["messages"])
+    echo = lambda ctxs: ["In short: " + m[-1]["content"] for m, _ in ctxs]  # noqa: E731  (a faithful teacher)
+    out, kept, asked = G.teacher_rewrite(lines, True, echo)
+    assert kept == asked == n and [x["id"] for x in out] == [x["id"] for x in lines]
+    assert all(m["content"].startswith("<summary>In short: ") for x in out for m in x["messages"] if m["role"] == "assistant")
+    lossy = lambda ctxs: ["Some progress was made." for _ in ctxs]  # noqa: E731  (drops every fact)
+    out, kept, asked = G.teacher_rewrite(lines, True, lossy)
+    with_facts = sum(bool(G.known_values(tools.parse_message(m["content"]).summary)) for x in lines for m in x["messages"]
+                     if m["role"] == "assistant")
+    assert with_facts > 10 and kept <= n - with_facts
+    for x, y in zip(out, lines):  # every summary that carried facts is still the exact one
+        for a, b in zip(x["messages"], y["messages"]):
+            if a["role"] == "assistant" and G.known_values(tools.parse_message(b["content"]).summary):
+                assert a == b
+
+
+def test_every_intent_declares_its_functions():
+    intents = {f for fs in G.FRESH.values() for f in fs} | {f for fs in G.CONSUMERS.values() for f in fs} | \
+        set(G.ERRORS.values()) | set(G.LONG.values())
+    assert intents <= set(G.FUNCS) and all(set(v.split()) <= set(tools.SCHEMAS) for v in G.FUNCS.values())
