@@ -135,7 +135,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k, v = kv.write_and_read(k, v)  # the keys/values of the whole context so far
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and kv is None,
+        if isinstance(mask, str):  # "causal" over cached keys: queries are the last T of the keys
+            mask = None if k.shape[2] == T else \
+                torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            causal = mask is None
+        else:
+            causal = mask is None and kv is None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=c.n_kv_heads != c.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -506,7 +512,34 @@ class Chat:
         return text.rindex(self.end_text, start) + len(self.end_text)
 
     def render(self, messages, tools=None, add_generation_prompt=False):
-        """-> (ids, mask): mask is 1 exactly on the tokens of assistant contents and their end token."""
+        """-> (ids, mask): mask is 1 exactly on the tokens of assistant contents and their end token.
+        One template pass with a sentinel in place of each assistant content finds where the contents go;
+        if the template does something to the contents (checked), fall back to rendering prefix by prefix."""
+        marks = [f"\x00{k}\x00" for k in range(len(messages))]
+        masked = [dict(m, content=marks[k]) if m["role"] == "assistant" else m for k, m in enumerate(messages)]
+        text = self.text(masked, tools, add_generation_prompt)
+        pieces, contents, rest = [], [], text
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before, found, after = rest.partition(marks[k])
+            if not found or not after.startswith(self.end_text):
+                return self._render_slow(messages, tools, add_generation_prompt)
+            pieces.append(before)
+            contents.append(m["content"])
+            rest = after[len(self.end_text):]
+        if "".join(p + c + self.end_text for p, c in zip(pieces, contents)) + rest != \
+                self.text(messages, tools, add_generation_prompt):
+            return self._render_slow(messages, tools, add_generation_prompt)
+        ids, mask = [], []
+        for p, c in zip(pieces, contents):
+            piece, content = self.encode(p), self.encode(c) + [self.end_id]
+            ids += piece + content
+            mask += [0] * len(piece) + [1] * len(content)
+        tail = self.encode(rest)
+        return ids + tail, mask + [0] * len(tail)
+
+    def _render_slow(self, messages, tools=None, add_generation_prompt=False):
         ids, mask, done = [], [], 0  # done: characters of the template text already turned into ids
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -600,10 +633,13 @@ def forward_cached(model, cache, chunks, rows, start):
     pos = pos.clamp(max=cache.max_len - 1)                               # pads only; never written
     kv_len = int((start_t + lengths).max())
     mask = torch.arange(kv_len)[None, None, None, :] <= pos[:, None, :, None]   # (b, 1, t, kv_len)
+    if bool((start_t == start_t[0]).all() and (lengths == t).all()):
+        # rows in lockstep: no mask needed, which lets SDPA take its fused kernels (much faster on CPU)
+        mask = "causal" if t > 1 else None
     all_rows = len(rows) == cache.k.shape[1] and list(rows) == list(range(len(rows)))
     rows_t = None if all_rows else torch.tensor(rows, device=device)
     view = cache.view(rows_t, pos.to(device), valid.to(device), kv_len)
-    return model(idx.to(device), pos=pos.to(device), mask=mask.to(device), kv=view,
+    return model(idx.to(device), pos=pos.to(device), mask=mask.to(device) if torch.is_tensor(mask) else mask, kv=view,
                  logits_at=(lengths - 1).to(device))
 
 

@@ -81,10 +81,11 @@ def test_rope_scaling_matches_transformers(scaling):
     assert torch.allclose(got, want.float(), rtol=1e-5) and abs(scale - want_scale) < 1e-6
 
 
-def test_cached_equals_uncached_prefill_and_decode(tok):
+@pytest.mark.parametrize("lengths", [(9, 5, 13), (8, 8, 8)])  # ragged rows (masked path), lockstep rows (fused path)
+def test_cached_equals_uncached_prefill_and_decode(tok, lengths):
     m = tiny(tok)
     torch.manual_seed(1)
-    prompts = [torch.randint(0, len(tok), (n,)).tolist() for n in (9, 5, 13)]  # ragged rows
+    prompts = [torch.randint(0, len(tok), (n,)).tolist() for n in lengths]
     cache = M.KVCache(m.cfg, 3, 64, "cpu", torch.float32)
     with torch.no_grad():
         logits = M.forward_cached(m, cache, prompts, [0, 1, 2], [0, 0, 0])
@@ -218,6 +219,7 @@ def test_incremental_rendering_equals_full(tok, own_template):
     msgs, tools = conversation(), FakeEpisode.tools
     ids, mask = chat.render(msgs, tools)
     assert ids == chat.encode(chat.text(msgs, tools))          # the pieces tokenise like the whole text
+    assert (ids, mask) == chat._render_slow(msgs, tools)       # one-pass rendering == prefix by prefix
     # mask: exactly the assistant contents and their end tokens
     want = "".join(m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant")
     assert chat.decode([i for i, k in zip(ids, mask) if k]) == want

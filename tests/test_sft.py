@@ -1,0 +1,248 @@
+"""sft.py: loss mask, packing, normalisation, overfitting, DDP == 1 process, resume, HF export (CPU, tiny models)."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import model as M  # noqa: E402
+import sft  # noqa: E402
+import tools  # noqa: E402
+
+MATH_TOOLS = ["add", "multiply"]  # the rest of the math env is held out: short contexts, fast tests
+
+
+def make_task(i, pa=True, context_mode="full"):
+    """A 1-3 turn arithmetic task whose reference conversation comes from replaying its ground truth."""
+    rng = random.Random(i)
+    a, b, c = rng.randint(1, 99), rng.randint(1, 99), rng.randint(2, 9)
+    turns = [{"user": f"What is {a} plus {b}?", "gt": [[{"name": "add", "arguments": {"a": a, "b": b}}]]},
+             {"user": f"Multiply that by {c}.", "gt": [[{"name": "multiply", "arguments": {"a": a + b, "b": c}}]]},
+             {"user": "Thanks, that is all.", "gt": []}]
+    for t in turns:
+        t.update(type="normal", add_functions=[])
+    held = [n for n in tools.known_schemas({"envs": {"math": {}}}) if n not in MATH_TOOLS]
+    task = {"id": f"t{i}", "envs": {"math": {}}, "turns": turns[:1 + i % 3], "held_out": held, "split": "train", "tags": {}}
+    ep = tools.replay(task, [t["gt"] for t in task["turns"]], pa=pa, context_mode=context_mode)
+    assert ep.success
+    return dict(task, messages=ep.messages, tools=ep.tools), ep
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return [make_task(i)[0] for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def chat(tasks):
+    texts = [m["content"] for t in tasks for m in t["messages"]] + [json.dumps(t["tools"]) for t in tasks]
+    return M.Chat(M.train_tokenizer(texts * 3, 600))
+
+
+def tiny(chat, seed=1):
+    cfg = M.tiny_config(len(chat.tok), dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, max_seq_len=2048)
+    return M.Transformer(cfg).init_weights(seed)
+
+
+def test_summary_conversations_match_summary_mode_episode():
+    # SFT examples in summary mode must be exactly the contexts a summary-mode rollout shows the model
+    for pa in (True, False):
+        task, _ = make_task(2, pa=pa)
+        _, ep = make_task(2, pa=pa, context_mode="summary")
+        want, cur = [], None
+        for m in ep.messages:  # a summary-mode episode restarts its context with a system message
+            if m["role"] == "system":
+                cur = []
+                want.append(cur)
+            cur.append(m)
+        got = sft.conversations(task["messages"], "summary")
+        assert len(got) == 3 and got == want
+        assert "<summary>" in got[1][1]["content"] if pa else "<summary></summary>" in got[1][1]["content"]
+    assert sft.conversations(task["messages"], "full") == [task["messages"]]
+
+
+def test_loss_targets_are_exactly_the_assistant_tokens(tasks, chat):
+    for mode in ("full", "summary"):
+        examples, cut = sft.encode(chat, tasks, mode, 4096)
+        assert cut == 0
+        rows = sft.pack([len(e[0]) for e in examples], 1024)
+        idx, tgt, pos, doc = sft.make_batch(rows, examples, 1024, 0)
+        for b, row in enumerate(rows):
+            # the targets of a row, in order, decode to the assistant contents of its examples + end tokens
+            got = chat.decode(tgt[b][tgt[b] != -100].tolist())
+            want = "".join(m["content"] + "<|im_end|>" for e in row for m in examples_msgs(tasks, mode)[e]
+                           if m["role"] == "assistant")
+            assert got == want
+            # and each target is the next input token (the shift is right)
+            t = (tgt[b] != -100).nonzero()[:, 0]
+            assert torch.equal(tgt[b, t], idx[b, t + 1])
+
+
+def examples_msgs(tasks, mode):
+    return [c for t in tasks for c in sft.conversations(t["messages"], mode)]
+
+
+def test_pack_is_a_partition_with_little_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 700) for _ in range(300)]
+    rows = sft.pack(lengths, 1024)
+    assert sorted(e for r in rows for e in r) == list(range(300))
+    assert all(sum(lengths[e] for e in r) <= 1024 for r in rows)
+    assert 1 - sum(lengths) / (len(rows) * 1024) < 0.05
+
+
+def test_data_order_is_a_permutation_per_epoch_and_a_function_of_the_step():
+    stream = [r for step in range(7) for r in sft.step_rows(step, 5, 3, seed=1)]  # 21 rows = 4.2 epochs of 5
+    assert all(sorted(stream[i:i + 5]) == list(range(5)) for i in range(0, 20, 5))
+    assert sft.step_rows(4, 5, 3, seed=1) == stream[12:15] and stream[:5] != stream[5:10]
+
+
+def test_packing_does_not_leak_attention(tasks, chat):
+    model = tiny(chat).eval()
+    examples, _ = sft.encode(chat, tasks[:4], "full", 4096)
+    row = [0, 1, 2, 3]
+    seq_len = sum(len(e[0]) for e in examples) + 7  # trailing pads too
+    batch = sft.make_batch([row, [2]], examples, seq_len, 0)
+    with torch.no_grad():
+        packed, _ = sft.forward_packed(model, batch, "cpu")
+        t = 0
+        for e in row:
+            ids = torch.tensor([examples[e][0]])
+            alone = model(ids)[0]
+            assert torch.allclose(packed[0, t:t + len(alone)], alone, atol=1e-5), (e, (packed[0, t:t + len(alone)] - alone).abs().max())
+            t += len(alone)
+        # a row holding one example takes the plain causal path: same logits again
+        alone = model(torch.tensor([examples[2][0]]))[0]
+        assert torch.allclose(packed[1, :len(alone)], alone, atol=1e-5)
+
+
+def grads(model, chat, examples, rows, device_batch_size):
+    """The training loop's accumulation: micro-batches of device_batch_size rows, loss / global targets."""
+    model.zero_grad(set_to_none=True)
+    n_targets = sum(sum(examples[e][1][1:]) for r in rows for e in r)
+    for i in range(0, len(rows), device_batch_size):
+        batch = sft.make_batch(rows[i:i + device_batch_size], examples, 1300, 0)
+        (sft.loss_sum(model, batch, "cpu") / n_targets).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_gradient_is_invariant_to_micro_batch_size(tasks, chat):
+    model = tiny(chat)
+    examples, _ = sft.encode(chat, tasks, "summary", 1300)
+    rows = sft.pack([len(e[0]) for e in examples], 1300)[:3]
+    assert max(len(r) for r in rows) > 1  # the block-diagonal path
+    g1, g3 = (grads(model, chat, examples, rows, k) for k in (1, 3))
+    assert torch.allclose(g1, g3, atol=1e-6, rtol=1e-4), (g1 - g3).abs().max()
+
+
+def test_overfits_a_tiny_batch(tasks, chat):
+    torch.manual_seed(0)
+    model = tiny(chat)
+    examples, _ = sft.encode(chat, tasks[:1], "full", 4096)
+    batch = sft.make_batch([[0]], examples, len(examples[0][0]), 0)
+    n = int((batch[1] != -100).sum())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = sft.loss_sum(model, batch, "cpu") / n
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[0] > 5.0 and losses[-1] < 0.3, losses[::5]
+
+# -----------------------------------------------------------------------------
+# The script end to end, in subprocesses: 1 process, 2-process gloo DDP, interrupted + resumed
+
+
+def run_sft(out, data, *flags, nproc=1):
+    launch = [sys.executable, "sft.py"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "sft.py"]
+    cmd = launch + ["--train", f"{data}/train.jsonl", "--val", f"{data}/val.jsonl", "--out-dir", str(out), "--device", "cpu",
+                    "--num-steps", "6", "--seq-len", "1300", "--batch-tokens", "5200", "--warmup-steps", "2",
+                    "--dim", "64", "--n-layers", "2", "--ffn-dim", "128", "--vocab-size", "600", "--lr", "3e-3",
+                    "--pack", "on", "--eval-every", "3", "--eval-rows", "2", "--eval-tasks", "2", "--eval-max-new-tokens", "12"] + list(flags)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait(p):
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    return out
+
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft")
+    os.makedirs(d / "data")
+    for split, ids in (("train", range(24)), ("val", range(100, 104))):
+        with open(d / "data" / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(make_task(i)[0]) + "\n" for i in ids)
+    # two at a time on two cores: the reference and the interrupted run, then DDP and the resumed run
+    a = run_sft(d / "one", d / "data", "--device-batch-size", "2")
+    c = run_sft(d / "cut", d / "data", "--device-batch-size", "2", "--stop-at", "4")
+    logs = {"one": wait(a), "cut": wait(c)}
+    b = run_sft(d / "ddp", d / "data", "--device-batch-size", "1", nproc=2)  # 2 ranks x 2 micro-steps x 1 row
+    r = run_sft(d / "cut", d / "data", "--device-batch-size", "2", "--resume")
+    logs.update(ddp=wait(b), resumed=wait(r))
+    return d, logs
+
+
+def test_script_logs_and_evaluates(runs):
+    d, logs = runs
+    out = logs["one"]
+    assert "padding" in out and "step     6/6 | loss" in out and "(2 greedy episodes)" in out
+    log = [json.loads(line) for line in open(d / "one" / "log.jsonl")]
+    assert [e["step"] for e in log if "loss" in e] == list(range(1, 7))
+    assert [e["step"] for e in log if "val_loss" in e] == [0, 3, 6]
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
+    state = torch.load(d / "one" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 6 and state["args"]["num_steps"] == 6
+
+
+def test_ddp_two_processes_equals_one(runs):
+    # same global batch (4 rows of 1300, two examples each) split 2 ranks x 2 micro-steps x 1 row vs 1 process x 2 micro-steps x 2 rows:
+    # only the summation order differs, so after 6 AdamW steps the weights agree to float32 rounding
+    d, logs = runs
+    assert "2 processes" in logs["ddp"]
+    one, ddp = weights(d / "one"), weights(d / "ddp")
+    for k in one:
+        assert torch.allclose(one[k], ddp[k], atol=2e-5, rtol=0), (k, (one[k] - ddp[k]).abs().max())
+
+
+def test_resume_equals_uninterrupted(runs):
+    d, logs = runs
+    assert "saved" in logs["cut"] and "step     4/6" in logs["cut"] and "step     5/6" not in logs["cut"]
+    one, resumed = weights(d / "one"), weights(d / "cut")
+    for k in one:  # same ops in the same order: bit for bit
+        assert torch.equal(one[k], resumed[k]), (k, (one[k] - resumed[k]).abs().max())
+    log = [json.loads(line) for line in open(d / "cut" / "log.jsonl")]
+    assert [e["step"] for e in log if "loss" in e] == list(range(1, 7))
+    assert [e["step"] for e in log if "val_loss" in e] == [0, 3, 4, 6]
+
+
+def test_checkpoint_loads_in_transformers_with_same_logits(runs):
+    import transformers as T
+    d, _ = runs
+    ours, tok = M.load_model(str(d / "one"))
+    ref = T.AutoModelForCausalLM.from_pretrained(d / "one").eval()
+    idx = torch.tensor([tok.encode("<|im_start|>user\nWhat is 2 plus 3?<|im_end|>\n<|im_start|>assistant\n")])
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(idx), ref(idx).logits, atol=1e-4)
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    p = subprocess.run([sys.executable, "sft.py", "--train", str(tmp_path / "nope.jsonl")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "run python gen_data.py first" in p.stderr
