@@ -94,21 +94,6 @@ parser.add_argument("--seed", type=int, default=0, help="seed of task order and 
 parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
 
 
-def load_tasks(path):
-    if not os.path.exists(path):
-        raise SystemExit(f"{path}: not found (run `python gen_data.py` first)")
-    tasks = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                tasks.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: not valid JSON ({e})")
-    if not tasks:
-        raise SystemExit(f"{path}: no tasks")
-    return tasks
-
-
 def make_episode(task, args):
     return tools.Episode(task, context_mode=args.context_mode, pa=args.pa == "on",
                          max_steps_per_turn=args.max_steps_per_turn, max_calls=args.max_calls)
@@ -247,7 +232,7 @@ def main(args):
     if args.context_mode == "summary" and args.pa == "off":
         raise SystemExit("--context-mode summary needs --pa on (the summary is what the context keeps)")
     M.print0(json.dumps(vars(args)))
-    tasks, eval_tasks = load_tasks(args.tasks), load_tasks(args.eval_tasks)[:args.eval_size]
+    tasks, eval_tasks = tools.read_tasks(args.tasks), tools.read_tasks(args.eval_tasks)[:args.eval_size]
     ckpt = args.out_dir if args.resume else args.init_from
     if args.resume and not os.path.exists(os.path.join(args.out_dir, "trainer_state.pt")):
         raise SystemExit(f"--resume: no checkpoint in {args.out_dir}")

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import model as M
+import tools
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 # data
@@ -91,33 +92,12 @@ parser.add_argument("--compile", action="store_true", help="torch.compile the mo
 # Data: tasks -> conversations -> (ids, mask) examples -> packed rows
 
 
-def read_tasks(path):
-    if not os.path.exists(path):
-        raise SystemExit(f"{path}: not found; run python gen_data.py first")
-    tasks = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                task = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{i}: not valid JSON ({e})")
-            if not isinstance(task, dict) or "messages" not in task or "tools" not in task:
-                raise SystemExit(f"{path}:{i}: a task without 'messages' and 'tools' (SFT files come from gen_data.py)")
-            tasks.append(task)
-    if not tasks:
-        raise SystemExit(f"{path}: no tasks; run python gen_data.py first")
-    return tasks
-
-
 def conversations(messages, context_mode):
     """The conversations a rollout of this reference conversation shows the model. full: the whole thing.
     summary: one per user turn, restarted from the system message and a user message that carries the last
     <summary>/<plan> written so far (tools.carry_text, the same text tools.Episode builds)."""
     if context_mode == "full":
         return [messages]
-    import tools  # summary mode only: the carried-progress format belongs to tools.py
     convs, system, summary, plan = [], None, None, None
     for m in messages:
         if m["role"] == "system":
@@ -220,7 +200,6 @@ def reduce_sum(values, device, ddp):
 
 def greedy_success(raw_model, chat, tasks, context_mode, pa, max_new_tokens, max_len, max_steps):
     """Greedy episodes through the sampler and tools.Episode -> sums of (success, turns passed, format, 1)."""
-    import tools
     eps = [tools.Episode(t, context_mode=context_mode, pa=pa, max_steps_per_turn=max_steps) for t in tasks]
     if eps:
         M.rollout(raw_model, chat, eps, max_new_tokens=max_new_tokens, max_len=max_len, temperature=0.0)
@@ -242,7 +221,7 @@ def main(args):
     grad_accum = rows_per_step // (args.device_batch_size * ddp_world_size)
 
     # model and tokenizer
-    train_tasks, val_tasks = read_tasks(args.train), read_tasks(args.val)
+    train_tasks, val_tasks = (tools.read_tasks(p, need=("envs", "turns", "messages", "tools")) for p in (args.train, args.val))
     if args.resume:
         if not os.path.exists(os.path.join(out_dir, "trainer_state.pt")):
             raise SystemExit(f"--resume: no {out_dir}/trainer_state.pt (nothing to resume)")

@@ -1703,6 +1703,28 @@ def carry_text(summary, plan, request) -> str:
     return "\n".join(lines) + "\n\nNew request: " + request
 
 
+def read_tasks(path, need=("envs", "turns")) -> list:
+    """Tasks from a JSONL file (one per line, gen_data.py's format). Anything malformed stops the run with
+    an error naming the file and line; `need` lists the keys every task must have."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: not found; run python gen_data.py first")
+    tasks = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                task = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{i}: not valid JSON ({e})")
+            if not isinstance(task, dict) or any(k not in task for k in need) or not task.get("turns"):
+                raise SystemExit(f"{path}:{i}: not a task with {', '.join(need)} and a non-empty 'turns'")
+            tasks.append(task)
+    if not tasks:
+        raise SystemExit(f"{path}: no tasks; run python gen_data.py first")
+    return tasks
+
+
 # ----------------------------------------------------------------------------------------------
 # Episode: one multi-turn task, text in, text out
 
@@ -1733,12 +1755,15 @@ class Episode:
     error result) and counts as one step; a message without calls ends the user turn, which is checked.
     More than max_steps_per_turn steps in a turn, or more than max_calls calls in the episode, force-ends
     the episode and fails the turn (BFCL force-quits after 20 steps). max_turns truncates the task.
+    protocol="python" is BFCL's prompt mode (eval.py --bfcl-prompt official): its system prompt with the function
+    docs (self.tools is then empty), calls as a Python list `[f(a=1)]`, bare result strings; no awareness.
     """
 
     def __init__(self, task, context_mode="full", pa=True, max_steps_per_turn=20, max_turns=None, max_calls=None,
-                 max_tool_chars=8000, max_arg_chars=20000):
+                 max_tool_chars=8000, max_arg_chars=20000, protocol="tags"):
         assert context_mode in ("full", "summary"), context_mode
-        self.task, self.context_mode, self.pa = task, context_mode, pa
+        assert protocol in ("tags", "python"), protocol
+        self.task, self.context_mode, self.pa, self.protocol = task, context_mode, pa and protocol == "tags", protocol
         self.max_steps_per_turn, self.max_calls = max_steps_per_turn, max_calls
         self.max_tool_chars, self.max_arg_chars = max_tool_chars, max_arg_chars
         self.specs = task["turns"][:max_turns] if max_turns else task["turns"]
@@ -1746,7 +1771,9 @@ class Episode:
         self.known = known_schemas(task)
         self.offered = set(self.known) - set(task.get("held_out", []))
         self.tools = [s for n, s in self.known.items() if n in self.offered]
-        self.system = system_prompt(pa)
+        self.system = system_prompt(self.pa)
+        if protocol == "python":  # BFCL's prompt mode: the docs live in its system prompt, not in the chat template
+            self.system, self.tools = bfcl_prompt_system(self._docs(self.tools)), []
         self.turns, self.assistant, self.turn_index, self.messages = [], [], [], []
         self.num_calls, self.model_results = 0, []
         self.last_summary = self.last_plan = None
@@ -1763,13 +1790,37 @@ class Episode:
         added = [n for n in spec.get("add_functions", []) if n in self.known]
         if added:  # announced in the user message: the system prompt is already in the KV cache
             self.offered |= set(added)
-            content += "\n" + tools_text([self.known[n] for n in added])
+            if self.protocol == "python":  # as BFCL's prompt mode: the raw docs (a python repr) first
+                content = f"{self._docs([self.known[n] for n in added], hint=False)}\n{content}"
+            else:
+                content += "\n" + tools_text([self.known[n] for n in added])
         if self.context_mode == "summary" and i > 0:
             content = carry_text(self.last_summary, self.last_plan, content)
         self.turns.append({"user": content, "type": spec.get("type", "normal"), "calls": [], "results": [],
                            "executed": [], "step_calls": [], "steps": 0, "format_ok": [], "passed": None,
                            "reason": "", "state_changing": 0, "gt_results": []})
         return {"role": "user", "content": content}
+
+    def _docs(self, schemas, hint=True):
+        """Function docs for the python protocol: BFCL's own doc entries for BFCL tasks (with the Python 3 hint
+        its loader adds to the offered ones), else the "function" part of our schemas."""
+        if "bfcl" not in self.task:
+            return [s["function"] for s in schemas]
+        return [bfcl_raw_doc(s["function"]["name"], hint) for s in schemas]
+
+    def _parse(self, text) -> Parsed:
+        if self.protocol == "tags":
+            return parse_message(text)
+        # BFCL's decoder: strip, wrap in [], parse; anything that does not decode ends the turn (no partial calls)
+        p = Parsed()
+        body = text.strip("`\n ") if isinstance(text, str) else ""
+        calls, errors = parse_python_calls("[" * (not body.startswith("[")) + body + "]" * (not body.endswith("]")))
+        p.content = text if isinstance(text, str) else ""
+        if errors or not isinstance(text, str):  # plain text is a final reply; broken calls are a format error
+            p.errors, p.tags = ["not a python list of calls"] if "(" in body else [], ["text"]
+        else:
+            p.calls, p.tags = calls, ["tool_call"] * len(calls) or ["text"]
+        return p
 
     def reset(self) -> list:
         msgs = [{"role": "system", "content": self.system}, self._user_message(0)]
@@ -1807,6 +1858,8 @@ class Episode:
         rec["executed"].append(err is None)
         if err is not None:
             rec["results"].append(json.dumps({"error": err}))
+            if self.protocol == "python":
+                return {"role": "tool", "content": f"Error during execution: {err}"}
             return tool_message(call["name"], error=err, max_tool_chars=self.max_tool_chars)
         env = self._owner(call["name"])
         raw = env._call(call["name"], copy.deepcopy(call["arguments"]))  # envs may keep (and mutate) arguments
@@ -1816,14 +1869,16 @@ class Episode:
         self.model_results.append(text)
         if not (is_read_only(call["name"]) or (isinstance(raw, dict) and "error" in raw)) and "bfcl" not in self.task:
             rec["state_changing"] += 1
+        if self.protocol == "python":  # BFCL's prompt mode feeds back the bare result string, uncapped
+            return {"role": "tool", "content": text}
         return tool_message(call["name"], result=env._result_obj(raw), max_tool_chars=self.max_tool_chars)
 
     def step(self, text):
         if self.done:
             return "done", []
-        parsed, rec = parse_message(text), self.turns[-1]
+        parsed, rec = self._parse(text), self.turns[-1]
         call_errors = [e for e in parsed.errors if e.startswith("tool_call")]
-        ok = format_ok(parsed, self.pa)
+        ok = format_ok(parsed, self.pa) if self.protocol == "tags" else not parsed.errors
         rec["format_ok"].append(ok)
         info = {"turn": len(self.turns) - 1, "format_ok": ok, "calls": len(parsed.calls), "awareness": None}
         self.assistant.append(info)
@@ -2004,6 +2059,36 @@ def bfcl_schemas(class_name: str) -> list:
         for s in b["docs"][class_name]:
             b["owner"][s["function"]["name"]] = class_name
     return b["docs"][class_name]
+
+
+def bfcl_raw_doc(name: str, hint: bool = True) -> dict:
+    """BFCL's own doc entry of a function (bfcl_schemas must have registered it); hint=True appends the
+    " Note that the provided function is in Python 3 syntax." its loader adds to offered functions."""
+    b = _bfcl()
+    cls = b["owner"][name]
+    if cls not in b.setdefault("raw", {}):
+        path = os.path.join(b["root"], "data", "multi_turn_func_doc", b["cfg"].MULTI_TURN_FUNC_DOC_FILE_MAPPING[cls])
+        with open(path) as f:
+            b["raw"][cls] = {d["name"]: d for d in map(json.loads, filter(str.strip, f))}
+    doc = copy.deepcopy(b["raw"][cls][name])
+    if hint:
+        doc["description"] += " Note that the provided function is in Python 3 syntax."
+    return doc
+
+
+def bfcl_prompt_system(docs: list) -> str:
+    """BFCL's default prompt-mode system prompt (ret_fmt=python, no tag, json docs, plaintext, classic style),
+    assembled from bfcl_eval.constants.default_prompts as model_handler.utils.formulate_system_prompt does
+    (that module itself needs the SDK dependencies)."""
+    os.environ.setdefault("BFCL_PROJECT_ROOT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "bfcl_root"))
+    from bfcl_eval.constants import default_prompts as P
+    style = P.PROMPT_STYLE_TEMPLATES["classic"]
+    return P.PROMPT_TEMPLATE_MAPPING["plaintext"].format(
+        persona=style["persona"], task=style["task"],
+        tool_call_format=style["tool_call_no_tag"].format(output_format=P.OUTPUT_FORMAT_MAPPING["python"],
+                                                          param_types=P.PARAM_TYPE_MAPPING["python"]),
+        multiturn_behavior=style["multiturn_behavior"],
+        available_tools=style["available_tools"].format(format="json", functions=json.dumps(docs, indent=4)))
 
 
 def _bfcl_owner(name):

