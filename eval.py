@@ -64,13 +64,13 @@ parser.add_argument("--temperature", type=float, default=None, help="sampling te
                     "--samples 1, else 1.0")
 parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
 parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-parser.add_argument("--max-new-tokens", type=int, default=512, help="max tokens per assistant message")
+parser.add_argument("--max-new-tokens", type=int, default=256, help="max tokens per assistant message")
 parser.add_argument("--max-len", type=int, default=0, help="max tokens per context (overflow fails the episode); "
                     "0 = the model's context length")
 parser.add_argument("--max-steps", type=int, default=20, help="assistant messages with calls per user turn before the "
                     "episode is force-ended (BFCL: 20)")
 parser.add_argument("--max-tool-chars", type=int, default=8000, help="ours protocol: cap of one tool result (characters)")
-parser.add_argument("--batch-size", type=int, default=8, help="episodes per batched rollout per process (KV cache rows)")
+parser.add_argument("--batch-size", type=int, default=32, help="episodes per batched rollout per process (KV cache rows)")
 # output
 parser.add_argument("--out-file", default="", help="results JSON; empty = out/eval/<bench>-<model>-<setting>.json")
 # runtime

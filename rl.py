@@ -71,8 +71,8 @@ parser.add_argument("--turn-coef", type=float, default=0.5, help="mt_grpo: weigh
 parser.add_argument("--dynamic-sampling", action="store_true", help="drop zero-variance groups and sample more tasks (DAPO)")
 parser.add_argument("--max-resample", type=int, default=2, help="extra sampling rounds per step with --dynamic-sampling")
 # optimisation
-parser.add_argument("--num-steps", type=int, default=30, help="optimizer steps (one rollout batch each)")
-parser.add_argument("--lr", type=float, default=3e-5, help="peak learning rate")
+parser.add_argument("--num-steps", type=int, default=20, help="optimizer steps (one rollout batch each)")
+parser.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
 parser.add_argument("--warmup-steps", type=int, default=2, help="linear warm-up steps")
 parser.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decays to lr x this")
 parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")

@@ -59,14 +59,14 @@ parser.add_argument("--n-heads", type=int, default=4, help="scratch only: query 
 parser.add_argument("--n-kv-heads", type=int, default=2, help="scratch only: key/value heads (GQA)")
 parser.add_argument("--ffn-dim", type=int, default=384, help="scratch only: MLP hidden width (channels)")
 # optimisation
-parser.add_argument("--num-steps", type=int, default=150, help="optimizer steps")
-parser.add_argument("--batch-tokens", type=int, default=32768,
+parser.add_argument("--num-steps", type=int, default=300, help="optimizer steps")
+parser.add_argument("--batch-tokens", type=int, default=16384,
                     help="global batch per optimizer step in tokens, counted as rows x seq-len (padding included)")
 parser.add_argument("--device-batch-size", type=int, default=1, help="rows per micro-step per process; "
                     "gradient accumulation makes up the global batch")
 parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
 parser.add_argument("--min-lr-frac", type=float, default=0.1, help="final learning rate of the cosine, as a fraction of --lr")
-parser.add_argument("--warmup-steps", type=int, default=15, help="linear warm-up (steps)")
+parser.add_argument("--warmup-steps", type=int, default=30, help="linear warm-up (steps)")
 parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
 parser.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
 parser.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
