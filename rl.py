@@ -71,7 +71,7 @@ parser.add_argument("--turn-coef", type=float, default=0.5, help="mt_grpo: weigh
 parser.add_argument("--dynamic-sampling", action="store_true", help="drop zero-variance groups and sample more tasks (DAPO)")
 parser.add_argument("--max-resample", type=int, default=2, help="extra sampling rounds per step with --dynamic-sampling")
 # optimisation
-parser.add_argument("--num-steps", type=int, default=20, help="optimizer steps (one rollout batch each)")
+parser.add_argument("--num-steps", type=int, default=10, help="optimizer steps (one rollout batch each)")
 parser.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
 parser.add_argument("--warmup-steps", type=int, default=2, help="linear warm-up steps")
 parser.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decays to lr x this")
@@ -83,10 +83,10 @@ parser.add_argument("--clip-high", type=float, default=0.28, help="ratio clip ab
 parser.add_argument("--kl-coef", type=float, default=0.0, help="k3 KL penalty to the initial model (0 = no reference model)")
 parser.add_argument("--device-batch-size", type=int, default=16, help="sequences per forward/backward pass")
 # eval / checkpoint
-parser.add_argument("--eval-every", type=int, default=10, help="steps between greedy evals (0 = never)")
-parser.add_argument("--eval-size", type=int, default=32, help="held-out tasks per eval")
+parser.add_argument("--eval-every", type=int, default=5, help="steps between greedy evals (0 = never)")
+parser.add_argument("--eval-size", type=int, default=16, help="held-out tasks per eval")
 parser.add_argument("--sample-every", type=int, default=10, help="steps between transcript dumps to samples.jsonl")
-parser.add_argument("--save-every", type=int, default=10, help="steps between checkpoints (and at the end)")
+parser.add_argument("--save-every", type=int, default=5, help="steps between checkpoints (and at the end)")
 parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
 # runtime
 parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
