@@ -332,14 +332,11 @@ def main(args):
         for g_ in optimizer.param_groups:
             g_["lr"] = lr
         stats = {}
+        dummy = {"ids": [pad_id, pad_id], "mask": [0, 0], "logp": [0.0, 0.0], "adv": [0.0, 0.0]}
         for epoch in range(args.ppo_epochs):
             for i in range(n_micro):
                 # every rank runs the same number of passes; a rank short of data runs a zero-weight one
-                mb = collate(micro[i] if i < len(micro) else micro[0][:1], pad_id, device) if micro else None
-                if mb is None:
-                    break
-                if i >= len(micro):
-                    mb["mask"].zero_()
+                mb = collate(micro[i] if i < len(micro) else [dummy], pad_id, device)
                 if ddp:
                     model.require_backward_grad_sync = i == n_micro - 1   # sync only on the last micro-step
                 with M.autocast(device):
