@@ -649,19 +649,18 @@ def forward_cached(model, cache, chunks, rows, start):
     """
     device = cache.k.device
     b, t = len(chunks), max(len(c) for c in chunks)
-    idx = torch.zeros(b, t, dtype=torch.long)
+    idx = torch.tensor([c + [0] * (t - len(c)) for c in chunks])    # (b, t), right-padded
     lengths = torch.tensor([len(c) for c in chunks])
-    for i, c in enumerate(chunks):
-        idx[i, :len(c)] = torch.tensor(c)
     start_t = torch.tensor(start)
     pos = start_t[:, None] + torch.arange(t)[None, :]                    # (b, t)
     valid = torch.arange(t)[None, :] < lengths[:, None]                  # (b, t)
     pos = pos.clamp(max=cache.max_len - 1)                               # pads only; never written
     kv_len = int((start_t + lengths).max())
-    mask = torch.arange(kv_len)[None, None, None, :] <= pos[:, None, :, None]   # (b, 1, t, kv_len)
     if bool((start_t == start_t[0]).all() and (lengths == t).all()):
         # rows in lockstep: no mask needed, which lets SDPA take its fused kernels (much faster on CPU)
         mask = "causal" if t > 1 else None
+    else:
+        mask = torch.arange(kv_len)[None, None, None, :] <= pos[:, None, :, None]   # (b, 1, t, kv_len)
     all_rows = len(rows) == cache.k.shape[1] and list(rows) == list(range(len(rows)))
     rows_t = None if all_rows else torch.tensor(rows, device=device)
     view = cache.view(rows_t, pos.to(device), valid.to(device), kv_len)
@@ -706,8 +705,9 @@ class Row:
         self.ep, self.segments, self.done, self.truncated = ep, [], False, False
         self.gen_tokens = self.injected_tokens = 0
 
-    def new_segment(self, messages, ids):
-        self.messages, self.text_done = list(messages), 0
+    def new_segment(self, messages, ids, text_done):
+        # text_done: characters of the chat-template text already turned into ids
+        self.messages, self.text_done = list(messages), text_done
         self.segments.append({"ids": [], "mask": [], "logp": []})
         self.add(ids)
 
@@ -766,8 +766,7 @@ def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k,
         if len(ids) + 1 >= max_len:
             rows[r].done = rows[r].truncated = True
             return None
-        rows[r].new_segment(messages, ids)
-        rows[r].text_done = len(text)  # template characters already turned into ids
+        rows[r].new_segment(messages, ids, len(text))
         rows[r].injected_tokens += len(ids)
         return ids
 
@@ -814,9 +813,10 @@ def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k,
                     inject[r] = ids
                 continue
             # "continue": the template text after this message's content becomes one injected chunk
-            row.messages += [{"role": "assistant", "content": text}] + list(new)
+            row.messages.append({"role": "assistant", "content": text})
+            done_chars = chat.end_of(chat.text(row.messages, row.ep.tools), row.text_done)
+            row.messages += new
             full = chat.text(row.messages, row.ep.tools, add_generation_prompt=True)
-            done_chars = chat.end_of(chat.text(row.messages[:len(row.messages) - len(new)], row.ep.tools), row.text_done)
             ids = ([] if ended else [chat.end_id]) + chat.encode(full[done_chars:])
             if row.length + len(ids) + 1 >= max_len:
                 row.done = row.truncated = True

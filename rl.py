@@ -188,7 +188,8 @@ def policy_loss(model, batch, norm, args, ref_model=None):
     (the whole step's normaliser, so micro-batching does not change the gradient). -> (loss, stats)."""
     ids, mask = batch["ids"], batch["mask"][:, 1:].float()
     logits = model(ids)[:, :-1]                                                   # (B, T-1, V)
-    logp = M.token_logprobs(logits, ids[:, 1:], args.temperature)                 # (B, T-1)
+    lp = torch.log_softmax(logits.float() / args.temperature, -1)                 # once: for logp and entropy
+    logp = lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)                    # (B, T-1)
     old, adv = batch["logp"][:, 1:], batch["adv"][:, 1:]
     ratio = torch.exp(logp - old)
     clipped = ratio.clamp(1 - args.clip_low, 1 + args.clip_high)
@@ -203,7 +204,7 @@ def policy_loss(model, batch, norm, args, ref_model=None):
         stats["kl"] = (k3.detach() * mask).sum()
     loss = (per_tok * mask).sum() / norm
     with torch.no_grad():
-        lp = torch.log_softmax(logits.detach() / args.temperature, -1)
+        lp = lp.detach()
         stats["entropy"] = (-(lp.exp() * lp).sum(-1) * mask).sum()
         stats["clipfrac"] = (((ratio - clipped).abs() > 1e-6).float() * mask).sum()
         stats["kl_old"] = ((old - logp.detach()) * mask).sum()   # drift from the sampling policy
@@ -229,6 +230,8 @@ def main(args):
     ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = M.init_runtime(args.device, args.seed)
     master_process = ddp_rank == 0
     assert args.prompts_per_step % ddp_world_size == 0, "prompts_per_step must divide by the number of ranks"
+    if args.temperature <= 0:
+        raise SystemExit("--temperature must be > 0: GRPO needs different samples within a group")
     if args.context_mode == "summary" and args.pa == "off":
         raise SystemExit("--context-mode summary needs --pa on (the summary is what the context keeps)")
     M.print0(json.dumps(vars(args)))
