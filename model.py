@@ -92,29 +92,31 @@ def rope_inv_freq(cfg):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, while the sampler runs on CPU, multiplies by a transposed contiguous copy of its weight:
-    for the few rows of a decode step that is 1.5-3x faster than F.linear's layout there (see bench.py)."""
-    wt = None
+    """nn.Linear that, while the sampler runs on an MKL CPU build, multiplies the few rows of a decode step by
+    a copy of its weight that MKL has packed for that row count (sgemm_pack): 1.3-1.6x faster per step than
+    F.linear there (bench.py). Bigger inputs (prefill, injected chunks) take the plain path."""
+    packed, packed_rows = None, 0
 
     def forward(self, x):
-        if self.wt is None:
-            return F.linear(x, self.weight, self.bias)
-        y = x @ self.wt
-        return y + self.bias if self.bias is not None else y
+        if self.packed is not None and x.numel() <= self.packed_rows * x.shape[-1]:
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.packed_rows)
+        return F.linear(x, self.weight, self.bias)
 
 
 @contextlib.contextmanager
-def decode_layout(model):
-    """Give every Linear a transposed copy of its weight for the duration (CPU only; refreshed per call,
-    so it always matches the current weights)."""
-    lins = [mod for mod in model.modules() if isinstance(mod, Linear)] if not next(model.parameters()).is_cuda else []
+def decode_layout(model, rows):
+    """Give every Linear an MKL-packed copy of its weight for decode steps of up to `rows` rows, for the
+    duration (CPU with MKL only; packed afresh per call, so it always matches the current weights)."""
+    p = next(model.parameters())
+    use = not p.is_cuda and p.dtype == torch.float32 and torch.backends.mkl.is_available()
+    lins = [mod for mod in model.modules() if isinstance(mod, Linear)] if use else []
     for mod in lins:
-        mod.wt = mod.weight.detach().t().contiguous()
+        mod.packed, mod.packed_rows = torch.ops.mkl._mkl_reorder_linear_weight(mod.weight.detach(), rows), rows
     try:
         yield
     finally:
         for mod in lins:
-            mod.wt = None
+            mod.packed, mod.packed_rows = None, 0
 
 
 class RMSNorm(nn.Module):
@@ -159,6 +161,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None and T == 1:  # a decode step (see CacheView.decode)
+            y = kv.decode(q / math.sqrt(c.head_dim), k, v, mask if torch.is_tensor(mask) else None)
+            return self.o_proj(y.reshape(B, 1, -1))
         if kv is not None:
             k, v = kv.write_and_read(k, v)  # the keys/values of the whole context so far
         if isinstance(mask, str):  # "causal" over cached keys: queries are the last T of the keys
@@ -595,13 +600,16 @@ def load_tokenizer(path):
 # Static KV cache and the batched multi-turn sampler
 
 class KVCache:
-    """Preallocated keys and values: (layers, rows, kv_heads, max_len, head_dim) each, never resized."""
+    """Preallocated keys and values: (layers, rows, kv_heads, max_len, head_dim) each, never resized.
+    Rows of a GRPO group get a copy of their shared prompt's keys (copy_rows), but decode steps read that
+    prefix once per group from the group's source row: src[r] holds row r's first shared[r] positions."""
 
     def __init__(self, cfg, rows, max_len, device, dtype):
         shape = (cfg.n_layers, rows, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        self.src, self.shared = list(range(rows)), [0] * rows
 
     def nbytes(self):
         return self.k.numel() * self.k.element_size() * 2
@@ -613,6 +621,15 @@ class KVCache:
         """Copy the first `length` positions of row src into rows dst (a group shares one prefill)."""
         self.k[:, dst, :, :length] = self.k[:, src:src + 1, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src:src + 1, :, :length]
+        for r in [src, *dst]:
+            self.src[r], self.shared[r] = src, length
+
+    def restart(self, r):
+        """Row r starts a new context at position 0: rows that read their prefix from r use their own copy."""
+        for d, s in enumerate(self.src):
+            if s == r:
+                self.src[d] = d
+        self.shared[r] = 0
 
 
 class CacheView:
@@ -624,21 +641,94 @@ class CacheView:
         r = torch.arange(b, device=pos.device) if rows is None else rows
         self.w_rows = r[:, None].expand(b, t)[valid]   # (n,) cache row of each real (non-pad) token
         self.w_pos = pos[valid]                          # (n,) its slot
-        self.valid = valid
+        self.valid = None if t == 1 else valid           # a decode step has no pads
         self.i = 0
+        self.groups = self._groups(r.tolist(), pos[:, 0]) if t == 1 else None
+
+    def _groups(self, rows, pos):
+        # decode steps of rows that share a prefix: which group each row is in, and the key masks
+        src, shared = [self.cache.src[r] for r in rows], [self.cache.shared[r] for r in rows]
+        if len(set(src)) == len(src):
+            return None   # no two rows share a prefix here: the plain path reads no more
+        order = sorted(set(src))
+        members = {s: [] for s in order}
+        for i, s in enumerate(src):
+            members[s].append(i)
+        gmax = max(len(m) for m in members.values())
+        slot = [0] * len(rows)
+        for g, s in enumerate(order):
+            for k, i in enumerate(members[s]):
+                slot[i] = g * gmax + k
+        dev = pos.device
+        dtype = self.cache.k.dtype
+        bias = lambda ok: torch.zeros(ok.shape, device=dev, dtype=dtype).masked_fill_(~ok, float("-inf"))[:, None, None]
+        shared_t = torch.tensor(shared, device=dev)[:, None]
+        tp, lo = max(shared), min(shared)
+        keys = torch.arange(lo, self.kv_len, device=dev)[None, :]
+        step = order[1] - order[0] if len(order) > 1 else 1
+        even = step > 0 and order == list(range(order[0], order[-1] + 1, step))
+        return {"src": slice(order[0], order[-1] + 1, step) if even else torch.tensor(order, device=dev),
+                "gmax": gmax, "slot": None if slot == list(range(len(order) * gmax)) else torch.tensor(slot, device=dev),
+                "tp": tp, "lo": lo,
+                "bias_pre": bias(torch.arange(tp, device=dev)[None, :] < shared_t),   # (b, 1, 1, tp)
+                "bias_own": bias((keys >= shared_t) & (keys <= pos[:, None]))}       # (b, 1, 1, kv_len - lo)
 
     def layer(self, i):
         self.i = i
         return self
 
-    def write_and_read(self, k, v):
-        # k, v (b, Hkv, t, hd): store the real tokens, then read the whole context of each row
+    def write(self, k, v):
+        # k, v (b, Hkv, t, hd): store the real tokens
         kc, vc = self.cache.k[self.i], self.cache.v[self.i]
-        kc[self.w_rows, :, self.w_pos] = k.transpose(1, 2)[self.valid]
-        vc[self.w_rows, :, self.w_pos] = v.transpose(1, 2)[self.valid]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if self.valid is not None:
+            k, v = k[self.valid], v[self.valid]
+        kc[self.w_rows, :, self.w_pos] = k.reshape(-1, *k.shape[-2:])
+        vc[self.w_rows, :, self.w_pos] = v.reshape(-1, *v.shape[-2:])
+
+    def read(self, lo=0):
+        # the keys/values of each row's context from position lo on
+        kc, vc = self.cache.k[self.i], self.cache.v[self.i]
         if self.rows is None:  # all rows: a view, no copy
-            return kc[:, :, :self.kv_len], vc[:, :, :self.kv_len]
-        return kc[self.rows, :, :self.kv_len], vc[self.rows, :, :self.kv_len]
+            return kc[:, :, lo:self.kv_len], vc[:, :, lo:self.kv_len]
+        return kc[self.rows, :, lo:self.kv_len], vc[self.rows, :, lo:self.kv_len]
+
+    def write_and_read(self, k, v):
+        self.write(k, v)
+        return self.read()
+
+    def decode(self, q, k, v, mask):
+        """Attention of one new token per row, q (b, H, 1, hd) pre-scaled, mask (b, 1, 1, kv_len) or None.
+        Each kv head's query heads are folded into one matmul (no GQA key copies), and rows that share a
+        prompt read its keys once per group. Returns (b, Hkv, H / Hkv, hd): the heads in HF order."""
+        self.write(k, v)
+        b, kvh = q.shape[0], self.cache.k.shape[2]
+        qg = q.reshape(b, kvh, -1, q.shape[-1])
+        g = self.groups
+        if g is None:
+            k, v = self.read()
+            s = (qg @ k.transpose(-1, -2)).float()
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            return s.softmax(-1).to(v.dtype) @ v
+        ko, vo = self.read(g["lo"])                      # each row's own keys after the smallest prefix
+        kp = self.cache.k[self.i][g["src"], :, :g["tp"]]  # (u, Hkv, tp, hd): one prefix per group
+        vp = self.cache.v[self.i][g["src"], :, :g["tp"]]
+        u, gmax, rep, hd = kp.shape[0], g["gmax"], qg.shape[2], qg.shape[3]
+
+        def to_groups(x):   # (b, Hkv, rep, n) -> (u, Hkv, gmax * rep, n): a group's rows side by side
+            if g["slot"] is not None:   # None: the rows are already the groups in order, all full
+                x = x.new_zeros(u * gmax, *x.shape[1:]).index_copy_(0, g["slot"], x)
+            return x.reshape(u, gmax, kvh, rep, -1).transpose(1, 2).reshape(u, kvh, gmax * rep, -1)
+
+        def to_rows(y):     # the inverse of to_groups
+            y = y.view(u, kvh, gmax, rep, -1).transpose(1, 2).reshape(u * gmax, kvh, rep, -1)
+            return y if g["slot"] is None else y[g["slot"]]
+        sp = to_rows(to_groups(qg) @ kp.transpose(-1, -2)) + g["bias_pre"]
+        so = qg @ ko.transpose(-1, -2) + g["bias_own"]
+        p = torch.cat([sp, so], -1).float().softmax(-1).to(v.dtype)
+        pp, po = p.split([sp.shape[-1], so.shape[-1]], -1)
+        return to_rows(to_groups(pp) @ vp) + po @ vo
 
 
 def forward_cached(model, cache, chunks, rows, start):
@@ -738,7 +828,7 @@ def rollout(model, chat, episodes, max_new_tokens=256, max_len=2048, temperature
     Returns one dict per episode: segments (a list of contexts, each {ids, mask, logp}: mask 1 exactly on
     sampled tokens, logp their log-probabilities), truncated, gen_tokens, injected_tokens.
     """
-    with decode_layout(model):
+    with decode_layout(model, len(episodes)):
         return _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k, top_p, generator, use_cache)
 
 
@@ -763,6 +853,8 @@ def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k,
     def start_context(r, messages):
         text = chat.text(messages, rows[r].ep.tools, add_generation_prompt=True)
         ids = chat.encode(text)
+        if use_cache:
+            cache.restart(r)
         if len(ids) + 1 >= max_len:
             rows[r].done = rows[r].truncated = True
             return None

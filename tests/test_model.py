@@ -172,6 +172,30 @@ def test_group_copy_equals_independent_prefills(tok):
     assert len(firsts) > 1
 
 
+def test_shared_prefix_decode_equals_reference(tok, monkeypatch):
+    # two groups with different prompts; the first group's source row (row 0) restarts its context while
+    # the others still decode against the prefix they shared with it; sampled per-row, so rows diverge
+    m = tiny(tok)
+    grouped = []
+    orig = M.CacheView._groups
+    monkeypatch.setattr(M.CacheView, "_groups", lambda self, *a: grouped.append(orig(self, *a)) or grouped[-1])
+    eps = lambda: [FakeEpisode(3, reset_at=1), FakeEpisode(4), FakeEpisode(3),
+                   FakeEpisode(3, user="A longer, different prompt for the second group."),
+                   FakeEpisode(2, user="A longer, different prompt for the second group."),
+                   FakeEpisode(3, user="A third prompt, alone.")]   # group sources 0, 3, 5: not evenly spaced
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(6)]
+    fast = run(m, tok, eps(), temperature=1.0, generator=gens())
+    slow = run(m, tok, eps(), temperature=1.0, generator=gens(), use_cache=False)
+    assert any(g is not None and g["gmax"] >= 2 for g in grouped)   # the shared path really ran
+    assert any(g is not None and torch.is_tensor(g["src"]) for g in grouped)
+    for a, b in zip(fast, slow):
+        assert [s["ids"] for s in a["segments"]] == [s["ids"] for s in b["segments"]]
+        for sa, sb in zip(a["segments"], b["segments"]):
+            assert torch.allclose(torch.tensor(sa["logp"]), torch.tensor(sb["logp"]), atol=1e-4)
+    assert len(fast[0]["segments"]) == 2
+    assert len({tuple(r["segments"][0]["ids"]) for r in fast[:3]}) > 1   # rows of a group diverged
+
+
 def test_sampler_logprobs_equal_training_logprobs(tok):
     m = tiny(tok)
     out = run(m, tok, [FakeEpisode(3), FakeEpisode(3, reset_at=1)], temperature=0.7, top_k=50,
