@@ -248,8 +248,9 @@ class Transformer(nn.Module):
         """
         idx (B, T) token ids. pos (B, T) positions (default 0..T-1). mask: bool (B, 1, T, Tk), True =
         may attend (default causal). kv: a CacheView (the sampler's KV cache); keys then cover the cached
-        context. logits_at (B,) index of the one position per row whose logits are wanted (saves the
-        vocabulary projection of all the others). Returns fp32 logits (B, T, V), or (B, V) with logits_at.
+        context. logits_at: the positions whose logits are wanted, which saves the vocabulary projection of
+        all the others: (B,) one index per row -> logits (B, V), or a bool (B, T) mask -> (n, V) for its n
+        True positions in row-major order (the loss positions of a training batch). Default: fp32 (B, T, V).
         """
         B, T = idx.shape
         if pos is None:
@@ -259,17 +260,18 @@ class Transformer(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, kv.layer(i) if kv is not None else None)
-        x = self.model.norm(x)
-        if logits_at is not None:
+        if logits_at is not None and logits_at.dtype == torch.bool:
+            x = x[logits_at]
+        elif logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at]
-        return self.lm_head(x).float()
+        return self.lm_head(self.model.norm(x)).float()
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
 
 def token_logprobs(logits, targets, temperature=1.0):
-    """log p(targets) under softmax(logits / temperature); logits (B, T, V), targets (B, T) -> (B, T)."""
+    """log p(targets) under softmax(logits / temperature); logits (..., V), targets (...) -> (...)."""
     logits = logits / temperature if temperature > 0 else logits
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 

@@ -186,29 +186,30 @@ def collate(seqs, pad_id, device):
 def policy_loss(model, batch, norm, args, ref_model=None):
     """Clipped-surrogate loss of one micro-batch, summed over its sampled tokens and divided by `norm`
     (the whole step's normaliser, so micro-batching does not change the gradient). -> (loss, stats)."""
-    ids, mask = batch["ids"], batch["mask"][:, 1:].float()
-    logits = model(ids)[:, :-1]                                                   # (B, T-1, V)
+    ids, keep = batch["ids"], batch["mask"][:, 1:] == 1   # keep: the positions that predict a sampled token
+    logits = model(ids[:, :-1], logits_at=keep)                                   # (n, V): no logits elsewhere
     lp = torch.log_softmax(logits.float() / args.temperature, -1)                 # once: for logp and entropy
-    logp = lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)                    # (B, T-1)
-    old, adv = batch["logp"][:, 1:], batch["adv"][:, 1:]
+    tgt = ids[:, 1:][keep]
+    logp = lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)                           # (n,)
+    old, adv = batch["logp"][:, 1:][keep], batch["adv"][:, 1:][keep]
     ratio = torch.exp(logp - old)
     clipped = ratio.clamp(1 - args.clip_low, 1 + args.clip_high)
     per_tok = -torch.minimum(ratio * adv, clipped * adv)
     stats = {}
     if ref_model is not None:
         with torch.no_grad():
-            ref = M.token_logprobs(ref_model(ids)[:, :-1], ids[:, 1:], args.temperature)
+            ref = M.token_logprobs(ref_model(ids[:, :-1], logits_at=keep), tgt, args.temperature)
         log_r = ref - logp
         k3 = torch.exp(log_r) - log_r - 1   # unbiased, always >= 0 estimator of KL(pi || ref)
         per_tok = per_tok + args.kl_coef * k3
-        stats["kl"] = (k3.detach() * mask).sum()
-    loss = (per_tok * mask).sum() / norm
+        stats["kl"] = k3.detach().sum()
+    loss = per_tok.sum() / norm
     with torch.no_grad():
         lp = lp.detach()
-        stats["entropy"] = (-(lp.exp() * lp).sum(-1) * mask).sum()
-        stats["clipfrac"] = (((ratio - clipped).abs() > 1e-6).float() * mask).sum()
-        stats["kl_old"] = ((old - logp.detach()) * mask).sum()   # drift from the sampling policy
-        stats["tokens"] = mask.sum()
+        stats["entropy"] = -(lp.exp() * lp).sum()
+        stats["clipfrac"] = ((ratio - clipped).abs() > 1e-6).float().sum()
+        stats["kl_old"] = (old - logp.detach()).sum()   # drift from the sampling policy
+        stats["tokens"] = torch.tensor(float(len(tgt)), device=ids.device)
     return loss, stats
 
 

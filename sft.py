@@ -159,8 +159,8 @@ def make_batch(rows, examples, seq_len, pad_id):
 
 
 def forward_packed(model, batch, device):
-    """Logits (B, T', V) and targets (B, T') of a packed batch, T' = the longest row's used length: trailing
-    pads are never seen by a real token (causal), so cutting them is exact and saves their compute."""
+    """Logits (n, V) and targets (n,) at the n target positions of a packed batch. Rows are cut to the longest
+    row's used length: trailing pads are never seen by a real token (causal), so that is exact."""
     idx, tgt, pos, doc = batch
     T = int((doc >= 0).sum(1).max())
     idx, tgt, pos, doc = (x[:, :T].to(device) for x in (idx, tgt, pos, doc))
@@ -169,14 +169,15 @@ def forward_packed(model, batch, device):
         # block-diagonal causal: a token sees only earlier tokens of its own example (pads see pads: no NaN rows)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         mask = (doc.unsqueeze(2) == doc.unsqueeze(1)).unsqueeze(1) & causal  # (B, 1, T, T)
+    keep = tgt != -100   # logits only where there is a target: the vocabulary projection of the rest is waste
     with M.autocast(device):
-        return model(idx, pos=pos, mask=mask), tgt  # (B, T, V) fp32, (B, T)
+        return model(idx, pos=pos, mask=mask, logits_at=keep), tgt[keep]  # (n, V) fp32, (n,)
 
 
 def loss_sum(model, batch, device):
     """Summed cross-entropy over the target tokens of a packed batch (normalised by the caller)."""
     logits, tgt = forward_packed(model, batch, device)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=-100, reduction="sum")
+    return F.cross_entropy(logits, tgt, reduction="sum")
 
 
 def step_rows(step, n_rows, rows_per_step, seed):

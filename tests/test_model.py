@@ -66,6 +66,14 @@ def test_logits_match_transformers_and_round_trip(kind, tmp_path, tok):
     assert tok2.chat_template == tok.chat_template
 
 
+def test_logits_at_mask_equals_full_logits(tok):
+    m = tiny(tok)
+    idx = torch.randint(0, len(tok), (2, 9), generator=torch.Generator().manual_seed(0))
+    keep = torch.rand(2, 9, generator=torch.Generator().manual_seed(1)) < 0.4
+    with torch.no_grad():
+        assert torch.allclose(m(idx, logits_at=keep), m(idx)[keep], atol=1e-6)
+
+
 @pytest.mark.parametrize("scaling", [
     {"rope_type": "linear", "factor": 4.0},
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},

@@ -72,8 +72,9 @@ class LogitsModel(torch.nn.Module):
         super().__init__()
         self.logits = torch.nn.Parameter(torch.randn(B, T, V))
 
-    def forward(self, ids):
-        return self.logits[:ids.shape[0], :ids.shape[1]]
+    def forward(self, ids, logits_at=None):
+        out = self.logits[:ids.shape[0], :ids.shape[1]]
+        return out if logits_at is None else out[logits_at]
 
 
 def toy_batch(B=3, T=7, V=11, seed=0):
@@ -114,7 +115,7 @@ def test_gradient_does_not_depend_on_micro_batch_size():
             mb = rl.collate(seqs[i:i + dbs], 0, "cpu")
             # each micro-batch must see the same rows of logits as in the full batch
             sub = LogitsModel(1, 1, 1)
-            sub.forward = lambda ids, i=i: m.logits[i:i + ids.shape[0], :ids.shape[1]]
+            sub.forward = lambda ids, logits_at, i=i: m.logits[i:i + ids.shape[0], :ids.shape[1]][logits_at]
             loss, _ = rl.policy_loss(sub, mb, norm, args_for(kl_coef=0))
             loss.backward()
         grads.append(m.logits.grad.clone())

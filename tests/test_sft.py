@@ -109,16 +109,15 @@ def test_packing_does_not_leak_attention(tasks, chat):
     seq_len = sum(len(e[0]) for e in examples) + 7  # trailing pads too
     batch = sft.make_batch([row, [2]], examples, seq_len, 0)
     with torch.no_grad():
-        packed, _ = sft.forward_packed(model, batch, "cpu")
-        t = 0
-        for e in row:
-            ids = torch.tensor([examples[e][0]])
-            alone = model(ids)[0]
-            assert torch.allclose(packed[0, t:t + len(alone)], alone, atol=1e-5), (e, (packed[0, t:t + len(alone)] - alone).abs().max())
-            t += len(alone)
-        # a row holding one example takes the plain causal path: same logits again
-        alone = model(torch.tensor([examples[2][0]]))[0]
-        assert torch.allclose(packed[1, :len(alone)], alone, atol=1e-5)
+        packed, tgt = sft.forward_packed(model, batch, "cpu")   # logits at the target positions, row-major
+        want, want_tgt = [], []
+        for e in row + [2]:   # row 0 packs four examples; row 1 holds one alone (the plain causal path)
+            ids, mask = torch.tensor(examples[e][0]), torch.tensor(examples[e][1][1:]) == 1
+            want.append(model(ids[None])[0, :-1][mask])
+            want_tgt.append(ids[1:][mask])
+        want = torch.cat(want)
+        assert packed.shape == want.shape and torch.equal(tgt, torch.cat(want_tgt))
+        assert torch.allclose(packed, want, atol=1e-5), (packed - want).abs().max()
 
 
 def grads(model, chat, examples, rows, device_batch_size):
