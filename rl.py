@@ -227,6 +227,39 @@ def all_reduce(x, op=None):
     return x
 
 
+def write_curve(log_path, svg_path):
+    """Plot log.jsonl as an SVG (no plotting package needed): training reward per step, and the periodic greedy
+    eval's task success and turn pass rate. Written atomically, after every step."""
+    recs = [json.loads(line) for line in open(log_path)]
+    series = {"reward (train)": ("#1f77b4", [(r["step"], r["reward"]) for r in recs if "reward" in r]),
+              "task success (eval)": ("#d62728", [(r["step"], r["eval_success"]) for r in recs if "eval_success" in r]),
+              "turn pass rate (eval)": ("#2ca02c", [(r["step"], r["eval_turns"]) for r in recs if "eval_turns" in r])}
+    W, H, L, B = 640, 360, 50, 40   # size and left/bottom margins
+    xmax = max([1] + [x for _, pts in series.values() for x, _ in pts])
+    ymax = max([0.05] + [y for _, pts in series.values() for _, y in pts]) * 1.1
+    px = lambda x: L + (W - L - 20) * x / xmax
+    py = lambda y: H - B - (H - B - 20) * y / ymax
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<line x1="{L}" y1="{H - B}" x2="{W - 20}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="20" x2="{L}" y2="{H - B}" stroke="black"/>',
+           f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle">RL step</text>']
+    for i in range(5):
+        y = ymax * i / 4
+        out.append(f'<text x="{L - 5}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
+        out.append(f'<text x="{px(xmax * i / 4):.1f}" y="{H - B + 15}" text-anchor="middle">{xmax * i / 4:.0f}</text>')
+    for k, (name, (color, pts)) in enumerate(series.items()):
+        if pts:
+            path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+            out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+            out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts]
+        out.append(f'<text x="{L + 10}" y="{35 + 16 * k}" fill="{color}">{name}</text>')
+    tmp = svg_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(out + ["</svg>"]) + "\n")
+    os.replace(tmp, svg_path)
+
+
 def main(args):
     ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = M.init_runtime(args.device, args.seed)
     master_process = ddp_rank == 0
@@ -279,6 +312,7 @@ def main(args):
             if master_process:
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": step, "eval_success": float(s[0] / s[1]), "eval_turns": float(s[2] / s[1])}) + "\n")
+                write_curve(log_path, os.path.join(args.out_dir, "curve.svg"))
         if master_process and step > start and (step % args.save_every == 0 or last):
             M.save_model(raw_model, tok, args.out_dir, extra={"optimizer": optimizer.state_dict(), "step": step,
                                                               "args": vars(args)})
@@ -378,6 +412,7 @@ def main(args):
         if master_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            write_curve(log_path, os.path.join(args.out_dir, "curve.svg"))
             if args.sample_every and step % args.sample_every == 0:
                 with open(samples_path, "a") as f:
                     for j in range(min(2, len(results))):
