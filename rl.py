@@ -247,7 +247,8 @@ def write_curve(log_path, svg_path):
     for i in range(5):
         y = ymax * i / 4
         out.append(f'<text x="{L - 5}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
-        out.append(f'<text x="{px(xmax * i / 4):.1f}" y="{H - B + 15}" text-anchor="middle">{xmax * i / 4:.0f}</text>')
+    for x in sorted({round(xmax * i / 4) for i in range(5)}):   # whole steps only
+        out.append(f'<text x="{px(x):.1f}" y="{H - B + 15}" text-anchor="middle">{x}</text>')
     for k, (name, (color, pts)) in enumerate(series.items()):
         if pts:
             path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
