@@ -956,6 +956,7 @@ def autocast(device):
 
 def cleanup_runtime():
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()   # no rank tears the group down while another still writes its checkpoint or logs
         dist.destroy_process_group()
 
 
