@@ -15,22 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import eval as E  # noqa: E402
 import model as M  # noqa: E402
 import tools  # noqa: E402
-from test_tools import CONFIGS, travel_task  # noqa: E402
-
-MATH_TOOLS = ["add", "multiply"]
-
-
-def math_task(i):
-    rng = random.Random(i)
-    a, b, c = rng.randint(1, 99), rng.randint(1, 99), rng.randint(2, 9)
-    turns = [{"user": f"What is {a} plus {b}?", "gt": [[{"name": "add", "arguments": {"a": a, "b": b}}]]},
-             {"user": f"Multiply that by {c}.", "gt": [[{"name": "multiply", "arguments": {"a": a + b, "b": c}}]]},
-             {"user": "Thanks, that is all.", "gt": []}]
-    for t in turns:
-        t.update(type="normal", add_functions=[])
-    held = [n for n in tools.known_schemas({"envs": {"math": {}}}) if n not in MATH_TOOLS]
-    return {"id": f"math{i}", "envs": {"math": {}}, "turns": turns[:1 + i % 3], "held_out": held, "split": "test", "tags": {}}
-
+from test_tools import CONFIGS, math_task, travel_task  # noqa: E402
 
 def synthetic_tasks():
     """A small test set with every turn type and horizons 1-3 (the same shapes gen_data.py writes)."""

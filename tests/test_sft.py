@@ -14,20 +14,12 @@ import model as M  # noqa: E402
 import sft  # noqa: E402
 import tools  # noqa: E402
 
-MATH_TOOLS = ["add", "multiply"]  # the rest of the math env is held out: short contexts, fast tests
+from test_tools import math_task  # noqa: E402
 
 
 def make_task(i, pa=True, context_mode="full"):
     """A 1-3 turn arithmetic task whose reference conversation comes from replaying its ground truth."""
-    rng = random.Random(i)
-    a, b, c = rng.randint(1, 99), rng.randint(1, 99), rng.randint(2, 9)
-    turns = [{"user": f"What is {a} plus {b}?", "gt": [[{"name": "add", "arguments": {"a": a, "b": b}}]]},
-             {"user": f"Multiply that by {c}.", "gt": [[{"name": "multiply", "arguments": {"a": a + b, "b": c}}]]},
-             {"user": "Thanks, that is all.", "gt": []}]
-    for t in turns:
-        t.update(type="normal", add_functions=[])
-    held = [n for n in tools.known_schemas({"envs": {"math": {}}}) if n not in MATH_TOOLS]
-    task = {"id": f"t{i}", "envs": {"math": {}}, "turns": turns[:1 + i % 3], "held_out": held, "split": "train", "tags": {}}
+    task = math_task(i, split="train")
     ep = tools.replay(task, [t["gt"] for t in task["turns"]], pa=pa, context_mode=context_mode)
     assert ep.success
     return dict(task, messages=ep.messages, tools=ep.tools), ep

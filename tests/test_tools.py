@@ -314,6 +314,22 @@ def travel_task(types=("normal", "normal")):
                        "add_functions": []}]}
 
 
+MATH_TOOLS = ["add", "multiply"]  # the rest of the math env is held out: short contexts, fast tests
+
+
+def math_task(i, split="test"):
+    """A 1-3 turn arithmetic task: add, multiply the sum, then a closing turn without calls."""
+    rng = random.Random(i)
+    a, b, c = rng.randint(1, 99), rng.randint(1, 99), rng.randint(2, 9)
+    turns = [{"user": f"What is {a} plus {b}?", "gt": [[{"name": "add", "arguments": {"a": a, "b": b}}]]},
+             {"user": f"Multiply that by {c}.", "gt": [[{"name": "multiply", "arguments": {"a": a + b, "b": c}}]]},
+             {"user": "Thanks, that is all.", "gt": []}]
+    for t in turns:
+        t.update(type="normal", add_functions=[])
+    held = [n for n in tools.known_schemas({"envs": {"math": {}}}) if n not in MATH_TOOLS]
+    return {"id": f"math{i}", "envs": {"math": {}}, "turns": turns[:1 + i % 3], "held_out": held, "split": split, "tags": {}}
+
+
 def test_ground_truth_passes_with_full_rewards():
     task = travel_task()
     ep = tools.replay(task, tools.ground_truth_calls(task))
