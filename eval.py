@@ -45,7 +45,8 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter
 parser.add_argument("--bench", choices=["synthetic", "bfcl"], default="synthetic",
                     help="synthetic: tasks from --data (gen_data.py); bfcl: BFCL multi-turn, 4 categories x 200 entries")
 parser.add_argument("--data", default="data/test.jsonl", help="synthetic tasks (JSONL, one task per line)")
-parser.add_argument("--limit", type=int, default=0, help="first N tasks (bfcl: first N entries per category); 0 = all")
+parser.add_argument("--limit", type=int, default=0, help="N tasks evenly spaced over --data, so every slice of the "
+                    "file is in the subset (bfcl: first N entries per category); 0 = all")
 parser.add_argument("--categories", default=",".join(tools.BFCL_CATEGORIES), help="bfcl: comma-separated categories")
 # model / policy
 parser.add_argument("--ckpt", default="", help="HF directory | .gguf file | smollm2 (the offline SmolLM2-135M-Instruct); "
@@ -130,6 +131,14 @@ def turn_stats(calls, gt_steps):
     return sum(made.values()), sum(gt.values()), sum((made & gt).values()), repeats
 
 
+def spread(tasks, n):
+    """n tasks evenly spaced over the list (all of them for n <= 0): test.jsonl holds its slices one after the other
+    (held-out compositions, then the 5-8-turn long-horizon slice), so a prefix would miss the later ones."""
+    if n <= 0 or n >= len(tasks):
+        return tasks
+    return [tasks[i * len(tasks) // n] for i in range(n)]
+
+
 def episode_record(task, index, sample, out):
     ep = out["episode"]
     overflow = not ep.done  # the sampler stopped it: the context would not fit --max-len
@@ -139,7 +148,8 @@ def episode_record(task, index, sample, out):
         made, gt, matched, repeats = turn_stats(rec["calls"], spec["gt"])
         turns.append({"type": spec.get("type", "normal"), "passed": bool(rec["passed"]) and not overflow,
                       "calls": made, "gt_calls": gt, "matched": matched, "repeats": repeats})
-    r = {"id": task["id"], "index": index, "sample": sample, "horizon": len(ep.specs), "turns": turns,
+    r = {"id": task["id"], "index": index, "sample": sample, "horizon": len(ep.specs),
+         "slice": task.get("tags", {}).get("slice", "bfcl" if "bfcl" in task else "-"), "turns": turns,
          "success": ep.success and not overflow, "overflow": overflow, "forced": ep.forced,
          "steps": len(ep.assistant), "format_ok": sum(a["format_ok"] for a in ep.assistant),
          "awareness": [a["awareness"] for a in ep.assistant if a["awareness"] is not None] if ep.pa else [],
@@ -174,7 +184,7 @@ def summarize(records):
 
 
 def breakdown(records):
-    """Per turn type (turn-level numbers + success of the tasks holding such a turn) and per horizon."""
+    """Per turn type (turn-level numbers + success of the tasks holding such a turn), per horizon and per slice."""
     by_type = {}
     for kind in tools.TURN_TYPES:
         ts = [t for r in records for t in r["turns"] if t["type"] == kind]
@@ -191,7 +201,12 @@ def breakdown(records):
         rs = [r for r in records if r["horizon"] == h]
         by_horizon[h] = {"episodes": len(rs), "success": sum(r["success"] for r in rs) / len(rs),
                          "turns": sum(t["passed"] for r in rs for t in r["turns"]) / sum(len(r["turns"]) for r in rs)}
-    return by_type, by_horizon
+    by_slice = {}
+    for name in sorted({r["slice"] for r in records}):
+        rs = [r for r in records if r["slice"] == name]
+        by_slice[name] = {"episodes": len(rs), "success": sum(r["success"] for r in rs) / len(rs),
+                          "turns": sum(t["passed"] for r in rs for t in r["turns"]) / sum(len(r["turns"]) for r in rs)}
+    return by_type, by_horizon, by_slice
 
 
 def bfcl_summary(records, categories):
@@ -273,7 +288,7 @@ def main(args):
         setting = "BFCL multi-turn, prompt official" if official else \
             f"BFCL multi-turn, prompt ours (pa {args.pa}, {args.context_mode} context)"
     else:
-        tasks = tools.read_tasks(args.data)[:args.limit or None]
+        tasks = spread(tools.read_tasks(args.data), args.limit)
         setting = f"synthetic {os.path.basename(args.data)}, pa {args.pa}, {args.context_mode} context"
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
     if args.samples > 1 and temperature <= 0:
@@ -320,11 +335,11 @@ def main(args):
 
     if master_process:
         summary = summarize(records)
-        by_type, by_horizon = breakdown(records)
+        by_type, by_horizon, by_slice = breakdown(records)
         results = {"bench": args.bench, "setting": setting, "model": model_name, "checkpoint": ckpt,
                    "policy": args.policy, "commit": commit_hash(), "args": vars(args), "world_size": ddp_world_size,
                    "device": str(device), "wall_s": time.time() - t0, "summary": summary, "by_type": by_type,
-                   "by_horizon": by_horizon, "records": records}
+                   "by_horizon": by_horizon, "by_slice": by_slice, "records": records}
         if args.bench == "bfcl":
             results["bfcl"] = bfcl_summary(records, categories)
         tag = "official" if args.bench == "bfcl" and args.bfcl_prompt == "official" else f"pa{args.pa}-{args.context_mode}"
@@ -338,6 +353,9 @@ def main(args):
                   f"| recall {fmt(v['recall'], True):>5} | success of its {v['tasks_n']} tasks {fmt(v['success'], True)}")
         for h, v in by_horizon.items():
             print(f"  {h} turns: success {fmt(v['success'], True):>5} | turns {fmt(v['turns'], True):>5} "
+                  f"({v['episodes']} episodes)")
+        for name, v in by_slice.items():
+            print(f"  slice {name}: success {fmt(v['success'], True):>5} | turns {fmt(v['turns'], True):>5} "
                   f"({v['episodes']} episodes)")
         print(markdown(results))
         print(f"wrote {out_file} ({time.time() - t0:.1f} s)")

@@ -122,8 +122,17 @@ def test_metrics_on_a_hand_built_transcript():
     assert s["redundant"] == 0.5 and s["success"] == 0.5 and s["turns"] == 0.5 and s["steps"] == (5 + 6) / 2
     assert s["tokens"] == 3.5 and s["peak_ctx"] == 15 and s["max_ctx"] == 30
     assert s["format"] == 1.0  # a call to an unknown function is still a well-formed message
-    by_type, by_horizon = E.breakdown([rec, good])
+    by_type, by_horizon, by_slice = E.breakdown([rec, good])
     assert by_type["normal"]["turns_n"] == 4 and by_horizon[2] == {"episodes": 2, "success": 0.5, "turns": 0.5}
+    assert by_slice == {rec["slice"]: {"episodes": 2, "success": 0.5, "turns": 0.5}}
+
+
+def test_limit_spreads_over_every_slice_of_the_file():
+    tasks = [{"id": i, "tags": {"slice": "short" if i < 70 else "long"}} for i in range(100)]  # slices in a row
+    sub = E.spread(tasks, 10)
+    assert [t["id"] for t in sub] == list(range(0, 100, 10))
+    assert sum(t["tags"]["slice"] == "long" for t in sub) == 3  # a prefix of 10 would hold none
+    assert len({t["id"] for t in E.spread(tasks, 64)}) == 64 and E.spread(tasks, 0) == tasks == E.spread(tasks, 500)
 
 
 def test_turn_stats_is_a_multiset_match():
