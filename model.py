@@ -133,9 +133,9 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x, cos, sin):
-    # x (B, H, T, hd); cos/sin (B, 1, T, hd); HF's rotate-half layout (not interleaved)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    # x (B, H, T, hd); cos/sin (B, 1, T, hd); HF's rotate-half layout (not interleaved): x * cos +
+    # cat(-x2, x1) * sin, written as x * cos + cat(x2, x1) * sin' with sin' = cat(-sin, sin) (Transformer.rope)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 class Attention(nn.Module):
@@ -161,9 +161,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None and T == 1:  # a decode step (see CacheView.decode)
-            y = kv.decode(q / math.sqrt(c.head_dim), k, v, mask if torch.is_tensor(mask) else None)
-            return self.o_proj(y.reshape(B, 1, -1))
+        if kv is not None and T == 1:  # a decode step (see CacheView.decode): the view knows its own masks
+            return self.o_proj(kv.decode(q, k, v).reshape(B, 1, -1))
         if kv is not None:
             k, v = kv.write_and_read(k, v)  # the keys/values of the whole context so far
         if isinstance(mask, str):  # "causal" over cached keys: queries are the last T of the keys
@@ -240,7 +239,8 @@ class Transformer(nn.Module):
             freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)
             emb = torch.cat((freqs, freqs), dim=-1)
             self.register_buffer("rope_cos", (emb.cos() * attn_scale).to(pos.device), persistent=False)
-            self.register_buffer("rope_sin", (emb.sin() * attn_scale).to(pos.device), persistent=False)
+            sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)   # signed for apply_rope
+            self.register_buffer("rope_sin", (sin * attn_scale).to(pos.device), persistent=False)
             self._rope_len = n
         return self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
 
@@ -634,6 +634,25 @@ class KVCache:
         self.shared[r] = 0
 
 
+def attend(q, k, v, bias, fused=None):
+    """softmax(q k^T / sqrt(hd) + bias) v and each query's log-sum-exp of scores (what merges two key sets).
+    q (n, Hkv, m, hd): the m query heads (and rows) that read one kv head; k, v (n, Hkv, s, hd); bias None or
+    (n, 1, 1, s), 0 / -inf, at least one 0 per row. fused (default: on CPU) takes PyTorch's flash kernel for CPU."""
+    if q.device.type == "cpu" if fused is None else fused:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias)
+    s = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+    s = s if bias is None else s + bias
+    lse = s.logsumexp(-1)
+    return (s - lse[..., None]).exp().to(v.dtype) @ v, lse
+
+
+def key_bias(ok, dtype):
+    """bool (b, s) keys that may be read -> additive bias (b, 1, 1, s) of 0 / -inf; None when all may."""
+    if bool(ok.all()):
+        return None
+    return torch.zeros(ok.shape, device=ok.device, dtype=dtype).masked_fill_(~ok, float("-inf"))[:, None, None]
+
+
 class CacheView:
     """Which rows of the cache a forward pass touches, where its tokens go, and how far keys reach."""
 
@@ -641,11 +660,16 @@ class CacheView:
         self.cache, self.rows, self.kv_len = cache, rows, kv_len   # rows (b,) or None = all rows in order
         b, t = pos.shape
         r = torch.arange(b, device=pos.device) if rows is None else rows
-        self.w_rows = r[:, None].expand(b, t)[valid]   # (n,) cache row of each real (non-pad) token
-        self.w_pos = pos[valid]                          # (n,) its slot
+        w_rows, w_pos = r[:, None].expand(b, t)[valid], pos[valid]   # (n,) cache row and slot of each real token
+        _, _, kvh, max_len, _ = cache.k.shape
+        # flat index of each (token, kv head) in a layer's cache viewed as (rows * kvh * max_len, hd)
+        self.w_idx = ((w_rows[:, None] * kvh + torch.arange(kvh, device=pos.device)) * max_len + w_pos[:, None]).view(-1)
         self.valid = None if t == 1 else valid           # a decode step has no pads
         self.i = 0
-        self.groups = self._groups(r.tolist(), pos[:, 0]) if t == 1 else None
+        if t == 1:   # decode: each row reads keys up to its own position
+            self.groups = self._groups(r.tolist(), pos[:, 0])
+            keys = torch.arange(kv_len, device=pos.device)[None, :]
+            self.bias = None if self.groups else key_bias(keys <= pos, cache.k.dtype)
 
     def _groups(self, rows, pos):
         # decode steps of rows that share a prefix: which group each row is in, and the key masks
@@ -661,32 +685,35 @@ class CacheView:
         for g, s in enumerate(order):
             for k, i in enumerate(members[s]):
                 slot[i] = g * gmax + k
-        dev = pos.device
-        dtype = self.cache.k.dtype
-        bias = lambda ok: torch.zeros(ok.shape, device=dev, dtype=dtype).masked_fill_(~ok, float("-inf"))[:, None, None]
+        dev, dtype = pos.device, self.cache.k.dtype
+        g_shared = torch.tensor([shared[members[s][0]] for s in order], device=dev)[:, None]  # one length per group
         shared_t = torch.tensor(shared, device=dev)[:, None]
-        tp, lo = max(shared), min(shared)
+        tp, lo = int(g_shared.max()), min(shared)
         keys = torch.arange(lo, self.kv_len, device=dev)[None, :]
         step = order[1] - order[0] if len(order) > 1 else 1
         even = step > 0 and order == list(range(order[0], order[-1] + 1, step))
+        # a row that restarted its context has no prefix: it reads key 0 (any finite key) and its weight is 0
+        no_prefix = shared_t[:, :, None, None] == 0
         return {"src": slice(order[0], order[-1] + 1, step) if even else torch.tensor(order, device=dev),
                 "gmax": gmax, "slot": None if slot == list(range(len(order) * gmax)) else torch.tensor(slot, device=dev),
                 "tp": tp, "lo": lo,
-                "bias_pre": bias(torch.arange(tp, device=dev)[None, :] < shared_t),   # (b, 1, 1, tp)
-                "bias_own": bias((keys >= shared_t) & (keys <= pos[:, None]))}       # (b, 1, 1, kv_len - lo)
+                "bias_pre": key_bias(torch.arange(tp, device=dev)[None, :] < g_shared.clamp(min=1), dtype),  # (u,1,1,tp)
+                "bias_own": key_bias((keys >= shared_t) & (keys <= pos[:, None]), dtype),  # (b, 1, 1, kv_len - lo)
+                "lse_fix": torch.zeros(no_prefix.shape, device=dev).masked_fill_(no_prefix, float("-inf"))
+                if bool(no_prefix.any()) else None}
 
     def layer(self, i):
         self.i = i
         return self
 
     def write(self, k, v):
-        # k, v (b, Hkv, t, hd): store the real tokens
-        kc, vc = self.cache.k[self.i], self.cache.v[self.i]
+        # k, v (b, Hkv, t, hd): store the real tokens (one index_copy_ per tensor)
+        hd = k.shape[-1]
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         if self.valid is not None:
             k, v = k[self.valid], v[self.valid]
-        kc[self.w_rows, :, self.w_pos] = k.reshape(-1, *k.shape[-2:])
-        vc[self.w_rows, :, self.w_pos] = v.reshape(-1, *v.shape[-2:])
+        self.cache.k[self.i].view(-1, hd).index_copy_(0, self.w_idx, k.reshape(-1, hd))
+        self.cache.v[self.i].view(-1, hd).index_copy_(0, self.w_idx, v.reshape(-1, hd))
 
     def read(self, lo=0):
         # the keys/values of each row's context from position lo on
@@ -699,21 +726,17 @@ class CacheView:
         self.write(k, v)
         return self.read()
 
-    def decode(self, q, k, v, mask):
-        """Attention of one new token per row, q (b, H, 1, hd) pre-scaled, mask (b, 1, 1, kv_len) or None.
-        Each kv head's query heads are folded into one matmul (no GQA key copies), and rows that share a
-        prompt read its keys once per group. Returns (b, Hkv, H / Hkv, hd): the heads in HF order."""
+    def decode(self, q, k, v):
+        """Attention of one new token per row, q (b, H, 1, hd). Each kv head's query heads are read as query
+        positions of one attention (no GQA key copies). Rows that share a prompt read its keys once per group;
+        the two parts (shared prefix, own keys) are merged by their log-sum-exps. Returns (b, Hkv, H / Hkv, hd):
+        the heads in HF order."""
         self.write(k, v)
         b, kvh = q.shape[0], self.cache.k.shape[2]
         qg = q.reshape(b, kvh, -1, q.shape[-1])
         g = self.groups
         if g is None:
-            k, v = self.read()
-            s = (qg @ k.transpose(-1, -2)).float()
-            if mask is not None:
-                s = s.masked_fill(~mask, float("-inf"))
-            return s.softmax(-1).to(v.dtype) @ v
-        ko, vo = self.read(g["lo"])                      # each row's own keys after the smallest prefix
+            return attend(qg, *self.read(), self.bias)[0]
         kp = self.cache.k[self.i][g["src"], :, :g["tp"]]  # (u, Hkv, tp, hd): one prefix per group
         vp = self.cache.v[self.i][g["src"], :, :g["tp"]]
         u, gmax, rep, hd = kp.shape[0], g["gmax"], qg.shape[2], qg.shape[3]
@@ -724,13 +747,15 @@ class CacheView:
             return x.reshape(u, gmax, kvh, rep, -1).transpose(1, 2).reshape(u, kvh, gmax * rep, -1)
 
         def to_rows(y):     # the inverse of to_groups
-            y = y.view(u, kvh, gmax, rep, -1).transpose(1, 2).reshape(u * gmax, kvh, rep, -1)
+            y = y.reshape(u, kvh, gmax, rep, -1).transpose(1, 2).reshape(u * gmax, kvh, rep, -1)
             return y if g["slot"] is None else y[g["slot"]]
-        sp = to_rows(to_groups(qg) @ kp.transpose(-1, -2)) + g["bias_pre"]
-        so = qg @ ko.transpose(-1, -2) + g["bias_own"]
-        p = torch.cat([sp, so], -1).float().softmax(-1).to(v.dtype)
-        pp, po = p.split([sp.shape[-1], so.shape[-1]], -1)
-        return to_rows(to_groups(pp) @ vp) + po @ vo
+        yp, lp = attend(to_groups(qg), kp, vp, g["bias_pre"])
+        yo, lo = attend(qg, *self.read(g["lo"]), g["bias_own"])
+        lp = to_rows(lp[..., None])
+        if g["lse_fix"] is not None:
+            lp = lp + g["lse_fix"]
+        # softmax over both key sets = the two softmaxes weighted by exp(lse) / (exp(lp) + exp(lo))
+        return torch.lerp(yo, to_rows(yp), torch.sigmoid(lp - lo[..., None]))
 
 
 def forward_cached(model, cache, chunks, rows, start):
@@ -748,8 +773,9 @@ def forward_cached(model, cache, chunks, rows, start):
     valid = torch.arange(t)[None, :] < lengths[:, None]                  # (b, t)
     pos = pos.clamp(max=cache.max_len - 1)                               # pads only; never written
     kv_len = int((start_t + lengths).max())
-    if bool((start_t == start_t[0]).all() and (lengths == t).all()):
-        # rows in lockstep: no mask needed, which lets SDPA take its fused kernels (much faster on CPU)
+    if t == 1 or bool((start_t == start_t[0]).all() and (lengths == t).all()):
+        # decode steps mask themselves (CacheView); rows in lockstep need no mask, which lets SDPA take
+        # its fused kernels (much faster on CPU)
         mask = "causal" if t > 1 else None
     else:
         mask = torch.arange(kv_len)[None, None, None, :] <= pos[:, None, :, None]   # (b, 1, t, kv_len)

@@ -109,6 +109,23 @@ def test_cached_equals_uncached_prefill_and_decode(tok, lengths):
             logits = M.forward_cached(m, cache, [[t] for t in nxt], [0, 1, 2], starts)
 
 
+def test_attend_fused_equals_reference_and_merges_by_lse():
+    # the CPU flash kernel (decode steps on CPU) == the plain formula (other devices), masks and log-sum-exps
+    # included; and two key sets merged by their log-sum-exps == one softmax over both (CacheView.decode)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 8, generator=g), torch.randn(3, 2, 16, 8, generator=g), torch.randn(3, 2, 16, 8, generator=g)
+    ok = torch.ones(3, 16, dtype=torch.bool)
+    ok[0, 5:], ok[2, :9] = False, False
+    bias = M.key_bias(ok, torch.float32)
+    (yf, lf), (yr, lr) = M.attend(q, k, v, bias, fused=True), M.attend(q, k, v, bias, fused=False)
+    assert torch.allclose(yf, yr, atol=1e-5) and torch.allclose(lf, lr, atol=1e-5)
+    assert M.key_bias(torch.ones(3, 16, dtype=torch.bool), torch.float32) is None
+    for fused in (True, False):
+        (ya, la), (yb, lb) = M.attend(q, k[:, :, :6], v[:, :, :6], None, fused), M.attend(q, k[:, :, 6:], v[:, :, 6:], None, fused)
+        merged = torch.lerp(yb, ya, torch.sigmoid(la - lb)[..., None])
+        assert torch.allclose(merged, M.attend(q, k, v, None, fused)[0], atol=1e-5)
+
+
 def test_chunked_injection_equals_token_by_token(tok):
     m = tiny(tok)
     torch.manual_seed(2)
