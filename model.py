@@ -126,6 +126,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:   # one op, the same numbers
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # statistics in fp32 as the reference implementations do, then back to the input dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
