@@ -276,6 +276,7 @@ def main(args):
     master_process = ddp_rank == 0
     M.print0(json.dumps(vars(args)))
     t0 = time.time()
+    commit = commit_hash()   # now: the code this process runs, whatever happens to the work tree meanwhile
     if args.bench == "bfcl":
         if not tools.bfcl_available():
             raise SystemExit("--bench bfcl: bfcl-eval is not installed (pip install --no-deps -r requirements-nodeps.txt)")
@@ -337,7 +338,7 @@ def main(args):
         summary = summarize(records)
         by_type, by_horizon, by_slice = breakdown(records)
         results = {"bench": args.bench, "setting": setting, "model": model_name, "checkpoint": ckpt,
-                   "policy": args.policy, "commit": commit_hash(), "args": vars(args), "world_size": ddp_world_size,
+                   "policy": args.policy, "commit": commit, "args": vars(args), "world_size": ddp_world_size,
                    "device": str(device), "wall_s": time.time() - t0, "summary": summary, "by_type": by_type,
                    "by_horizon": by_horizon, "by_slice": by_slice, "records": records}
         if args.bench == "bfcl":
