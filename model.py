@@ -757,7 +757,7 @@ class CacheView:
         if g["lse_fix"] is not None:
             lp = lp + g["lse_fix"]
         # softmax over both key sets = the two softmaxes weighted by exp(lse) / (exp(lp) + exp(lo))
-        return torch.lerp(yo, to_rows(yp), torch.sigmoid(lp - lo[..., None]))
+        return torch.lerp(yo, to_rows(yp), torch.sigmoid(lp - lo[..., None]).to(yo.dtype))
 
 
 def forward_cached(model, cache, chunks, rows, start):
