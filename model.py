@@ -751,13 +751,14 @@ class CacheView:
         def to_rows(y):     # the inverse of to_groups
             y = y.reshape(u, kvh, gmax, rep, -1).transpose(1, 2).reshape(u * gmax, kvh, rep, -1)
             return y if g["slot"] is None else y[g["slot"]]
-        yp, lp = attend(to_groups(qg), kp, vp, g["bias_pre"])
-        yo, lo = attend(qg, *self.read(g["lo"]), g["bias_own"])
-        lp = to_rows(lp[..., None])
+        y_pre, lse_pre = attend(to_groups(qg), kp, vp, g["bias_pre"])
+        y_own, lse_own = attend(qg, *self.read(g["lo"]), g["bias_own"])   # keys after the shortest prefix
+        lse_pre = to_rows(lse_pre[..., None])
         if g["lse_fix"] is not None:
-            lp = lp + g["lse_fix"]
-        # softmax over both key sets = the two softmaxes weighted by exp(lse) / (exp(lp) + exp(lo))
-        return torch.lerp(yo, to_rows(yp), torch.sigmoid(lp - lo[..., None]).to(yo.dtype))
+            lse_pre = lse_pre + g["lse_fix"]
+        # one softmax over both key sets = the two outputs weighted by exp(lse) / (exp(lse_pre) + exp(lse_own))
+        w_pre = torch.sigmoid(lse_pre - lse_own[..., None]).to(y_own.dtype)
+        return torch.lerp(y_own, to_rows(y_pre), w_pre)
 
 
 def forward_cached(model, cache, chunks, rows, start):
