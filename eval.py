@@ -196,17 +196,14 @@ def breakdown(records):
                          "precision": matched / made if made else None, "recall": matched / gt if gt else None,
                          "redundant": sum(t["repeats"] for t in ts) / len(ts),
                          "tasks_n": len(holders), "success": sum(r["success"] for r in holders) / len(holders)}
-    by_horizon = {}
-    for h in sorted({r["horizon"] for r in records}):
-        rs = [r for r in records if r["horizon"] == h]
-        by_horizon[h] = {"episodes": len(rs), "success": sum(r["success"] for r in rs) / len(rs),
-                         "turns": sum(t["passed"] for r in rs for t in r["turns"]) / sum(len(r["turns"]) for r in rs)}
-    by_slice = {}
-    for name in sorted({r["slice"] for r in records}):
-        rs = [r for r in records if r["slice"] == name]
-        by_slice[name] = {"episodes": len(rs), "success": sum(r["success"] for r in rs) / len(rs),
+    def split_by(key):   # episodes, task success and turn pass rate per value of a record field
+        out = {}
+        for value in sorted({r[key] for r in records}):
+            rs = [r for r in records if r[key] == value]
+            out[value] = {"episodes": len(rs), "success": sum(r["success"] for r in rs) / len(rs),
                           "turns": sum(t["passed"] for r in rs for t in r["turns"]) / sum(len(r["turns"]) for r in rs)}
-    return by_type, by_horizon, by_slice
+        return out
+    return by_type, split_by("horizon"), split_by("slice")
 
 
 def bfcl_summary(records, categories):
