@@ -72,6 +72,8 @@ parser.add_argument("--max-steps", type=int, default=20, help="assistant message
                     "episode is force-ended (BFCL: 20)")
 parser.add_argument("--max-tool-chars", type=int, default=8000, help="ours protocol: cap of one tool result (characters)")
 parser.add_argument("--batch-size", type=int, default=32, help="episodes per batched rollout per process (KV cache rows)")
+parser.add_argument("--time-limit", type=float, default=0, help="start no new batch after this many seconds and report "
+                    "the episodes done (0 = no limit); batches then take every k-th task, so a cut eval still spreads over the file")
 # output
 parser.add_argument("--out-file", default="", help="results JSON; empty = out/eval/<bench>-<model>-<setting>.json")
 # runtime
@@ -225,6 +227,8 @@ def fmt(x, pct=False):
 
 def markdown(results):
     s, name = results["summary"], f"{results['model']} | {results['setting']}"
+    if not results["complete"]:
+        name += f" (cut: {s['episodes']} of {results['episodes_planned']} episodes)"
     if results["bench"] == "bfcl":
         b = results["bfcl"]
         cats = list(b["categories"])
@@ -309,9 +313,33 @@ def main(args):
     # sharded by task: all samples of a task on one rank; records carry (index, sample) to restore the order
     mine = [(i, s) for i in range(ddp_rank, len(tasks), ddp_world_size) for s in range(args.samples)]
     M.print0(f"{setting}: {len(tasks)} tasks x {args.samples} samples on {ddp_world_size} process(es)")
+    n_batches = -(-len(mine) // args.batch_size)
+    batches = [mine[b::n_batches] for b in range(n_batches)] if args.time_limit > 0 else \
+        [mine[b:b + args.batch_size] for b in range(0, len(mine), args.batch_size)]
+    tag = "official" if args.bench == "bfcl" and args.bfcl_prompt == "official" else f"pa{args.pa}-{args.context_mode}"
+    out_file = args.out_file or os.path.join("out", "eval", f"{args.bench}-{model_name}-{tag}.json")
+
+    def write(records, done):
+        """The results JSON from these records, written atomically (a reader never sees half a file)."""
+        summary = summarize(records)
+        by_type, by_horizon, by_slice = breakdown(records)
+        results = {"bench": args.bench, "setting": setting, "model": model_name, "checkpoint": ckpt,
+                   "policy": args.policy, "commit": commit, "complete": done, "episodes_planned": len(tasks) * args.samples,
+                   "args": vars(args), "world_size": ddp_world_size, "device": str(device), "wall_s": time.time() - t0,
+                   "summary": summary, "by_type": by_type, "by_horizon": by_horizon, "by_slice": by_slice, "records": records}
+        if args.bench == "bfcl":
+            results["bfcl"] = bfcl_summary(records, categories)
+        os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
+        with open(out_file + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(out_file + ".tmp", out_file)
+        return results
+
     records = []
-    for b in range(0, len(mine), args.batch_size):
-        batch = mine[b:b + args.batch_size]
+    for batch in batches:
+        if args.time_limit > 0 and records and time.time() - t0 > args.time_limit:
+            print(f"rank {ddp_rank}: --time-limit {args.time_limit:g} s reached after {len(records)} of {len(mine)} episodes")
+            break
         episodes = [make_episode(tasks[i], args) for i, _ in batch]
         if raw_model is None:
             outs = run_policy(episodes, args.policy)
@@ -325,6 +353,8 @@ def main(args):
         if raw_model is not None:
             M.print0(f"rank 0: {len(records)}/{len(mine)} episodes | success {sum(r['success'] for r in records)} "
                      f"| overflow {sum(r['overflow'] for r in records)} | {time.time() - t0:.0f} s")
+        if not ddp and len(records) < len(mine):   # an interrupted eval keeps what it has done ("complete": false)
+            write(sorted(records, key=lambda r: (r["index"], r["sample"])), False)
     if ddp:
         gathered = [None] * ddp_world_size
         dist.all_gather_object(gathered, records)
@@ -332,27 +362,14 @@ def main(args):
     records.sort(key=lambda r: (r["index"], r["sample"]))
 
     if master_process:
-        summary = summarize(records)
-        by_type, by_horizon, by_slice = breakdown(records)
-        results = {"bench": args.bench, "setting": setting, "model": model_name, "checkpoint": ckpt,
-                   "policy": args.policy, "commit": commit, "args": vars(args), "world_size": ddp_world_size,
-                   "device": str(device), "wall_s": time.time() - t0, "summary": summary, "by_type": by_type,
-                   "by_horizon": by_horizon, "by_slice": by_slice, "records": records}
-        if args.bench == "bfcl":
-            results["bfcl"] = bfcl_summary(records, categories)
-        tag = "official" if args.bench == "bfcl" and args.bfcl_prompt == "official" else f"pa{args.pa}-{args.context_mode}"
-        out_file = args.out_file or os.path.join("out", "eval", f"{args.bench}-{model_name}-{tag}.json")
-        os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
-        with open(out_file + ".tmp", "w") as f:  # atomic: a reader never sees half a file
-            json.dump(results, f, indent=1)
-        os.replace(out_file + ".tmp", out_file)
-        for kind, v in by_type.items():
+        results = write(records, len(records) == len(tasks) * args.samples)
+        for kind, v in results["by_type"].items():
             print(f"  {kind:15s} turns {fmt(v['turns'], True):>5} of {v['turns_n']:4d} | precision {fmt(v['precision'], True):>5} "
                   f"| recall {fmt(v['recall'], True):>5} | success of its {v['tasks_n']} tasks {fmt(v['success'], True)}")
-        for h, v in by_horizon.items():
+        for h, v in results["by_horizon"].items():
             print(f"  {h} turns: success {fmt(v['success'], True):>5} | turns {fmt(v['turns'], True):>5} "
                   f"({v['episodes']} episodes)")
-        for name, v in by_slice.items():
+        for name, v in results["by_slice"].items():
             print(f"  slice {name}: success {fmt(v['success'], True):>5} | turns {fmt(v['turns'], True):>5} "
                   f"({v['episodes']} episodes)")
         print(markdown(results))

@@ -88,6 +88,8 @@ parser.add_argument("--eval-size", type=int, default=16, help="held-out tasks pe
 parser.add_argument("--sample-every", type=int, default=10, help="steps between transcript dumps to samples.jsonl")
 parser.add_argument("--save-every", type=int, default=5, help="steps between checkpoints (and at the end)")
 parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
+parser.add_argument("--time-limit", type=float, default=0, help="evaluate, save and exit at the first step after this "
+                    "many seconds of wall time (0 = no limit); the lr schedule still assumes --num-steps, so --resume goes on")
 # runtime
 parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
 parser.add_argument("--seed", type=int, default=0, help="seed of task order and sampling")
@@ -221,9 +223,11 @@ def lr_at(step, args):
 
 
 def all_reduce(x, op=None):
-    """Sum (or op) a float tensor over ranks; identity in a single process."""
+    """Sum (or op) a CPU float tensor over ranks; identity in a single process. NCCL reduces CUDA tensors only."""
     if dist.is_initialized():
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+        y = x.cuda() if dist.get_backend() == "nccl" else x
+        dist.all_reduce(y, op=op or dist.ReduceOp.SUM)
+        return y.cpu()
     return x
 
 
@@ -264,6 +268,7 @@ def write_curve(log_path, svg_path):
 def main(args):
     ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = M.init_runtime(args.device, args.seed)
     master_process = ddp_rank == 0
+    t_start = time.time()
     assert args.prompts_per_step % ddp_world_size == 0, "prompts_per_step must divide by the number of ranks"
     if args.temperature <= 0:
         raise SystemExit("--temperature must be > 0: GRPO needs different samples within a group")
@@ -301,7 +306,11 @@ def main(args):
     G = args.group_size
 
     for step in range(start, args.num_steps + 1):
-        last = step == args.num_steps
+        # out of time (after at least one step): all ranks agree, so they evaluate, save and stop at the same step
+        late = args.time_limit > 0 and step > start and all_reduce(torch.tensor([float(time.time() - t_start > args.time_limit)]))[0] > 0
+        if late and step < args.num_steps:
+            M.print0(f"--time-limit {args.time_limit:g} s reached: stopping at step {step} of {args.num_steps}")
+        last = step == args.num_steps or late
         # ---- eval and checkpoint at the top of the step
         if args.eval_every and (step % args.eval_every == 0 or last):
             raw_model.eval()

@@ -83,6 +83,8 @@ parser.add_argument("--out-dir", default="out/sft", help="checkpoint directory (
 parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir (same flags)")
 parser.add_argument("--stop-at", type=int, default=-1, help="save and exit after this many steps (-1 = run to --num-steps); "
                     "for fitting a job into a time slot, then --resume")
+parser.add_argument("--time-limit", type=float, default=0, help="save, evaluate and exit at the first step after this "
+                    "many seconds of wall time (0 = no limit); the schedule still runs to --num-steps, so --resume goes on")
 # runtime
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 parser.add_argument("--seed", type=int, default=0, help="seed of the init and the data order")
@@ -213,6 +215,7 @@ def greedy_success(raw_model, chat, tasks, context_mode, pa, max_new_tokens, max
 def main(args):
     ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = M.init_runtime(args.device, args.seed)
     master_process = ddp_rank == 0
+    t_start = time.time()
     M.print0(json.dumps(vars(args)))
     out_dir, log_path = args.out_dir, os.path.join(args.out_dir, "log.jsonl")
     rows_per_step = args.batch_tokens // args.seq_len
@@ -311,7 +314,11 @@ def main(args):
     per_rank = rows_per_step // ddp_world_size
     train_time = 0.0  # seconds spent in training steps, for the ETA
     for step in range(start_step, args.num_steps + 1):
-        last_step = step == stop_at
+        # out of time (after at least one step): all ranks agree, so they save and stop at the same step
+        late = args.time_limit > 0 and step > start_step and reduce_sum([time.time() - t_start > args.time_limit], device, ddp)[0] > 0
+        if late and step < stop_at:
+            M.print0(f"--time-limit {args.time_limit:g} s reached: stopping at step {step} of {args.num_steps}")
+        last_step = step == stop_at or late
         due = last_step or (args.eval_every > 0 and step % args.eval_every == 0)
         if due and not (args.resume and step == start_step):  # a resumed run's first step was evaluated before
             model.eval()

@@ -72,6 +72,7 @@ def test_oracle_is_perfect_and_empty_is_zero_synthetic(data, tmp_path, mode, pa)
     assert set(r["by_type"]) == set(tools.TURN_TYPES) and all(v["turns"] == 1 for v in r["by_type"].values())
     assert sorted(r["by_horizon"]) == ["1", "2", "3"]
     assert r["commit"] is None or len(r["commit"]) >= 40
+    assert r["complete"] is True and r["episodes_planned"] == 9
     e = run(tmp_path, "--data", data, "--policy", "empty", "--context-mode", mode, "--pa", pa)
     tasks = synthetic_tasks()
     assert all(not rec["success"] for rec in e["records"] if needs_calls(tasks[rec["index"]]))
@@ -258,3 +259,11 @@ def test_bad_data_is_a_clear_error(tmp_path):
         tools.read_tasks(str(bad))
     with pytest.raises(SystemExit, match="not found"):
         tools.read_tasks(str(tmp_path / "nope.jsonl"))
+
+
+def test_time_limit_stops_between_batches_and_keeps_the_spread(data, tmp_path):
+    # out of time after the first batch: its 3 episodes are every 3rd task of the 9, not the first 3
+    r = run(tmp_path, "--data", data, "--policy", "oracle", "--batch-size", "3", "--time-limit", "1e-9")
+    assert [rec["index"] for rec in r["records"]] == [0, 3, 6]
+    assert r["summary"]["episodes"] == 3 and r["episodes_planned"] == 9 and r["summary"]["success"] == 1
+    assert r["complete"] is False and "(cut: 3 of 9 episodes)" in E.markdown(r)

@@ -181,6 +181,14 @@ def test_resume_equals_uninterrupted(setup):
         assert torch.equal(pa[k], pc[k]), k
 
 
+def test_time_limit_saves_and_stops_after_one_step(setup):
+    p = run_toy(setup, setup / "late", 3, extra=["--time-limit=1e-9"])
+    assert p.returncode == 0 and "--time-limit 1e-09 s reached: stopping at step 1 of 3" in p.stdout, p.stderr[-3000:]
+    log = [json.loads(line) for line in open(setup / "late" / "log.jsonl") if '"reward"' in line]
+    assert [r["step"] for r in log] == [0]
+    assert torch.load(setup / "late" / "trainer_state.pt", weights_only=False)["step"] == 1
+
+
 def test_reward_rises_on_a_learnable_toy(setup):
     p = run_toy(setup, setup / "learn", 12, extra=["--lr=2e-2", "--save-every=100", "--group-size=8"])
     assert p.returncode == 0, p.stderr[-3000:]

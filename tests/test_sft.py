@@ -223,6 +223,16 @@ def test_resume_equals_uninterrupted(runs):
     assert [e["step"] for e in log if "val_loss" in e] == [0, 3, 4, 6]
 
 
+def test_time_limit_saves_and_stops_after_one_step(runs):
+    d, _ = runs
+    out = wait(run_sft(d / "late", d / "data", "--device-batch-size", "2", "--time-limit", "1e-9"))
+    assert "--time-limit 1e-09 s reached: stopping at step 1 of 6" in out and "step     2/6" not in out
+    state = torch.load(d / "late" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 1
+    log = [json.loads(line) for line in open(d / "late" / "log.jsonl")]
+    assert [e["step"] for e in log if "val_loss" in e] == [0, 1]   # evaluated at the step it stopped
+
+
 def test_checkpoint_loads_in_transformers_with_same_logits(runs):
     import transformers as T
     d, _ = runs
