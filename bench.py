@@ -143,10 +143,14 @@ def bench_sampler(model, tok, label):
           f"{c.n_kv_heads} kv_heads x {c.head_dim} head_dim x {cache.k.element_size()} bytes "
           f"({'exact' if want == cache.nbytes() else 'MISMATCH'}; {cache.nbytes() / 2**20:.1f} MiB)")
     if cuda:
-        # decode reads every weight and the whole cache once per step: bytes moved / time vs peak bandwidth
-        per_step = model.num_params() * cache.k.element_size() + cache.nbytes() / 2
-        bw = per_step * L / t_steps / 1e9
-        print(f"decode memory bandwidth: {bw:.0f} GB/s ({torch.cuda.get_device_name()})")
+        # a decode step reads every weight once and each row's keys/values so far (on average P + L/2 positions)
+        elem = cache.k.element_size()
+        kv = 2 * c.n_layers * G * (len(prompt_ids) + (L + 1) / 2) * c.n_kv_heads * c.head_dim * elem
+        bw = (model.num_params() * elem + kv) * L / t_steps
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}.items() if k in name), None)
+        print(f"decode: {t_steps / L * 1e3:.2f} ms per step of {G} rows, {bw / 1e9:.0f} GB/s moved"
+              + (f" = {bw / peak:.1%} of the {peak / 1e12:.2f} TB/s peak" if peak else "") + f" ({name})")
     return t_hf / t_ours
 
 

@@ -807,15 +807,16 @@ def sample_tokens(logits, temperature, top_k, top_p, generator):
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) > top_p   # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1).cpu()
-    # inverse-CDF sampling, one uniform draw per row (torch.multinomial costs ~13 ms on 8 x 49k rows here)
+    probs = logits.softmax(-1)
+    # inverse-CDF sampling, one uniform draw per row (torch.multinomial costs ~13 ms on 8 x 49k rows on CPU);
+    # the draws come from CPU generators, the search runs where the logits are
     if isinstance(generator, (list, tuple)):
         u = torch.stack([torch.rand((), generator=g) for g in generator])
     else:
         u = torch.rand(probs.shape[0], generator=generator)
     cdf = probs.double().cumsum(-1)
-    tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].double(), right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
-    tok = tok.to(logits.device)
+    u = u.to(cdf.device, torch.float64)
+    tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
     return tok, logp_all.gather(-1, tok[:, None])[:, 0]
 
 
@@ -912,10 +913,11 @@ def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k,
             break
         gens = [generator[r] for r in live] if isinstance(generator, (list, tuple)) else generator
         tok, logp = sample_tokens(logits[live], temperature, top_k, top_p, gens)
+        tok, logp = tok.tolist(), logp.tolist()   # one device-to-host copy each, not one per row
         decode, inject = {}, {}
         for i, r in enumerate(live):
-            row, t = rows[r], int(tok[i])
-            row.add([t], 1, [float(logp[i])])
+            row, t = rows[r], tok[i]
+            row.add([t], 1, [logp[i]])
             row.gen_tokens += 1
             msg[r].append(t)
             ended = t in chat.stop_ids
