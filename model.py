@@ -108,7 +108,8 @@ def decode_layout(model, rows):
     """Give every Linear an MKL-packed copy of its weight for decode steps of up to `rows` rows, for the
     duration (CPU with MKL only; packed afresh per call, so it always matches the current weights)."""
     p = next(model.parameters())
-    use = not p.is_cuda and p.dtype == torch.float32 and torch.backends.mkl.is_available()
+    use = not p.is_cuda and p.dtype == torch.float32 and torch.backends.mkl.is_available() and \
+        not torch.is_autocast_enabled("cpu")
     lins = [mod for mod in model.modules() if isinstance(mod, Linear)] if use else []
     for mod in lins:
         mod.packed, mod.packed_rows = torch.ops.mkl._mkl_reorder_linear_weight(mod.weight.detach(), rows), rows
@@ -162,7 +163,9 @@ class Attention(nn.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # under autocast, q/k/v come out of the projections in bf16 and RoPE's fp32 tables promote q and k back
+        # to fp32: return them to v's dtype (SDPA would round them there anyway; the cache holds that dtype)
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         if kv is not None and T == 1:  # a decode step (see CacheView.decode): the view knows its own masks
             return self.o_proj(kv.decode(q, k, v).reshape(B, 1, -1))
         if kv is not None:
@@ -618,6 +621,14 @@ class KVCache:
     def nbytes(self):
         return self.k.numel() * self.k.element_size() * 2
 
+    @staticmethod
+    def dtype_for(model):
+        """The dtype keys and values come out in: autocast's when it is on (bf16 on CUDA), else the weights'."""
+        device_type = next(model.parameters()).device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return next(model.parameters()).dtype
+
     def view(self, rows, pos, valid, kv_len):
         return CacheView(self, rows, pos, valid, kv_len)
 
@@ -711,7 +722,7 @@ class CacheView:
     def write(self, k, v):
         # k, v (b, Hkv, t, hd): store the real tokens (one index_copy_ per tensor)
         hd = k.shape[-1]
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        k, v = k.transpose(1, 2).to(self.cache.k.dtype), v.transpose(1, 2).to(self.cache.v.dtype)
         if self.valid is not None:
             k, v = k[self.valid], v[self.valid]
         self.cache.k[self.i].view(-1, hd).index_copy_(0, self.w_idx, k.reshape(-1, hd))
@@ -735,7 +746,7 @@ class CacheView:
         the heads in HF order."""
         self.write(k, v)
         b, kvh = q.shape[0], self.cache.k.shape[2]
-        qg = q.reshape(b, kvh, -1, q.shape[-1])
+        qg = q.reshape(b, kvh, -1, q.shape[-1]).to(self.cache.k.dtype)
         g = self.groups
         if g is None:
             return attend(qg, *self.read(), self.bias)[0]
@@ -868,7 +879,7 @@ def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k,
     device = next(model.parameters()).device
     rows = [Row(ep) for ep in episodes]
     B = len(rows)
-    cache = KVCache(model.cfg, B, max_len, device, next(model.parameters()).dtype) if use_cache else None
+    cache = KVCache(model.cfg, B, max_len, device, KVCache.dtype_for(model)) if use_cache else None
     logits = torch.zeros(B, model.cfg.vocab_size, device=device)
 
     def run(chunks_by_row):

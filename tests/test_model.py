@@ -236,6 +236,25 @@ def test_unfused_attention_path_in_the_sampler(tok, monkeypatch):
     assert all(r["gen_tokens"] > 0 for r in out)
 
 
+def test_sampler_under_bf16_autocast(tok):
+    # rl.py and eval.py sample under bf16 autocast on CUDA with fp32 weights: keys and values come out in bf16
+    # (this crashed on a GPU once: index_copy_ of bf16 keys into an fp32 cache). CPU autocast does the same.
+    m = tiny(tok)
+    eps = lambda: [FakeEpisode(3, reset_at=1), FakeEpisode(3), FakeEpisode(3), FakeEpisode(2, user="Another prompt.")]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(m, tok, eps(), temperature=1.0, generator=[torch.Generator().manual_seed(i) for i in range(4)])
+        assert M.KVCache.dtype_for(m) == torch.bfloat16   # the cache holds what autocast computes
+    assert M.KVCache.dtype_for(m) == torch.float32
+    assert all(r["gen_tokens"] > 0 for r in out)
+    for row in out:   # sampler log-probs ~ a bf16 training forward's over the same ids
+        seg = row["segments"][-1]
+        ids = torch.tensor([seg["ids"]])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = M.token_logprobs(m(ids)[:, :-1], ids[:, 1:])[0]
+        mask = torch.tensor(seg["mask"][1:], dtype=torch.bool)
+        assert torch.allclose(torch.tensor(seg["logp"][1:])[mask], lp[mask], atol=0.1)
+
+
 def test_sampler_logprobs_equal_training_logprobs(tok):
     m = tiny(tok)
     out = run(m, tok, [FakeEpisode(3), FakeEpisode(3, reset_at=1)], temperature=0.7, top_k=50,
