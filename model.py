@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -92,32 +93,64 @@ def rope_inv_freq(cfg):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, while the sampler runs on an MKL CPU build, multiplies the few rows of a decode step by
-    a copy of its weight that MKL has packed for that row count (sgemm_pack): 1.3-1.6x faster per step than
-    F.linear there (bench.py). Bigger inputs (prefill, injected chunks) take the plain path."""
-    packed, packed_rows = None, 0
+    """nn.Linear with a faster product for the few rows of a CPU decode step, set by decode_layout: the weight
+    times x^T ("wxt": MKL then splits the work over threads by output rows) or a copy of the weight that MKL has
+    packed for that row count ("packed", sgemm_pack). Bigger inputs (prefill, injected chunks) take F.linear."""
+    decode, decode_rows, packed = None, 0, None
 
     def forward(self, x):
-        if self.packed is not None and x.numel() <= self.packed_rows * x.shape[-1]:
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.packed_rows)
+        if self.decode is not None and x.numel() <= self.decode_rows * x.shape[-1]:
+            if self.decode == "packed":
+                return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.decode_rows)
+            y = (self.weight @ x.reshape(-1, x.shape[-1]).t()).t().contiguous().view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
+
+
+def _set_decode(lins, how, rows):
+    for mod in lins:
+        mod.decode, mod.decode_rows = how, rows
+        mod.packed = torch.ops.mkl._mkl_reorder_linear_weight(mod.weight.detach(), rows) if how == "packed" else None
+
+
+def fastest_decode_gemm(model, rows):
+    """Which product decode steps of `rows` rows take on this CPU: timed once per model and row count, on one pass
+    over the model's own weights per candidate (twice, interleaved; the best of each). The answer depends on the
+    host: for SmolLM2 with 8 rows, MKL-packed weights were 1.3-1.6x faster than F.linear on the Intel host this
+    was first written on, and 0.8x on a 2-core AMD EPYC, where weight @ x^T was 1.4x. model._decode_gemm caches
+    the choice (set it to force one)."""
+    choice = model.__dict__.setdefault("_decode_gemm", {})
+    if rows not in choice:
+        lins = [mod for mod in model.modules() if isinstance(mod, Linear)]
+        xs = {n: torch.randn(rows, n) for n in {mod.in_features for mod in lins}}
+        ways = ["linear", "wxt"] + (["packed"] if torch.backends.mkl.is_available() else [])
+        best = {}
+        with torch.no_grad():
+            for how in ways * 2:
+                _set_decode(lins, how, rows)
+                t0 = time.perf_counter()
+                for mod in lins:
+                    mod(xs[mod.in_features])
+                best[how] = min(best.get(how, float("inf")), time.perf_counter() - t0)
+        _set_decode(lins, None, 0)
+        choice[rows] = min(best, key=best.get)
+    return choice[rows]
 
 
 @contextlib.contextmanager
 def decode_layout(model, rows):
-    """Give every Linear an MKL-packed copy of its weight for decode steps of up to `rows` rows, for the
-    duration (CPU with MKL only; packed afresh per call, so it always matches the current weights)."""
+    """For the duration, decode steps of up to `rows` rows on a CPU (fp32, no autocast) multiply by the weights
+    the fastest way measured here (fastest_decode_gemm); packed copies are made afresh per call, so they always
+    match the current weights. Elsewhere (GPU, bf16, autocast) nothing changes."""
     p = next(model.parameters())
-    use = not p.is_cuda and p.dtype == torch.float32 and torch.backends.mkl.is_available() and \
-        not torch.is_autocast_enabled("cpu")
+    use = not p.is_cuda and p.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
     lins = [mod for mod in model.modules() if isinstance(mod, Linear)] if use else []
-    for mod in lins:
-        mod.packed, mod.packed_rows = torch.ops.mkl._mkl_reorder_linear_weight(mod.weight.detach(), rows), rows
+    how = fastest_decode_gemm(model, rows) if lins else None
+    _set_decode(lins, None if how == "linear" else how, rows)
     try:
         yield
     finally:
-        for mod in lins:
-            mod.packed, mod.packed_rows = None, 0
+        _set_decode(lins, None, 0)
 
 
 class RMSNorm(nn.Module):
@@ -652,6 +685,8 @@ def attend(q, k, v, bias, fused=None):
     q (n, Hkv, m, hd): the m query heads (and rows) that read one kv head; k, v (n, Hkv, s, hd); bias None or
     (n, 1, 1, s), 0 / -inf, at least one 0 per row. fused (default: on CPU) takes PyTorch's flash kernel for CPU."""
     if q.device.type == "cpu" if fused is None else fused:
+        # that kernel reads the last dimension as if its stride were 1 (torch 2.13: wrong results otherwise)
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias)
     s = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
     s = s if bias is None else s + bias

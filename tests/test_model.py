@@ -119,6 +119,9 @@ def test_attend_fused_equals_reference_and_merges_by_lse():
     bias = M.key_bias(ok, torch.float32)
     (yf, lf), (yr, lr) = M.attend(q, k, v, bias, fused=True), M.attend(q, k, v, bias, fused=False)
     assert torch.allclose(yf, yr, atol=1e-5) and torch.allclose(lf, lr, atol=1e-5)
+    # a query whose last dimension is not contiguous (the "wxt" decode product's transposed output)
+    qt = q.reshape(-1, 8).t().contiguous().t().reshape(q.shape)
+    assert qt.stride(-1) != 1 and torch.allclose(M.attend(qt, k, v, bias, fused=True)[0], yr, atol=1e-5)
     assert M.key_bias(torch.ones(3, 16, dtype=torch.bool), torch.float32) is None
     for fused in (True, False):
         (ya, la), (yb, lb) = M.attend(q, k[:, :, :6], v[:, :, :6], None, fused), M.attend(q, k[:, :, 6:], v[:, :, 6:], None, fused)
@@ -172,8 +175,13 @@ def run(m, tok, eps, **kw):
     return M.rollout(m, M.Chat(tok), eps, **{"max_new_tokens": 12, "max_len": 256, "temperature": 0.0, **kw})
 
 
-def test_sampler_greedy_equals_reference_greedy(tok):
+@pytest.mark.parametrize("gemm", ["probe", "linear", "wxt", "packed"])
+def test_sampler_greedy_equals_reference_greedy(tok, gemm):
     m = tiny(tok)
+    if gemm != "probe":   # each of the decode products decode_layout may pick on some CPU
+        m._decode_gemm = {3: gemm}
+    else:
+        assert M.fastest_decode_gemm(m, 3) in ("linear", "wxt", "packed")
     eps = lambda: [FakeEpisode(3), FakeEpisode(4, reset_at=2), FakeEpisode(2, user="Different prompt here.")]
     fast, slow = run(m, tok, eps()), run(m, tok, eps(), use_cache=False)
     for a, b in zip(fast, slow):
