@@ -120,6 +120,8 @@ def bench_sampler(model, tok, label):
             t_ours, t_hf = min(t_ours, best_time(ours, 1)), min(t_hf, best_time(hf_gen, 1))
     print(f"model: {label}, {model.num_params() / 1e6:.1f}M params, {dtype}, {device}")
     print(f"workload: G={G} rows x {N} new tokens from a {len(prompt_ids)}-token prompt")
+    if not cuda:
+        print(f"decode product picked on this CPU: {M.fastest_decode_gemm(model, G)} (model.fastest_decode_gemm)")
     print(f"hf_generate:  {G * N / t_hf:8.1f} tokens/s ({t_hf:.2f} s)")
     print(f"our_sampler:  {G * N / t_ours:8.1f} tokens/s ({t_ours:.2f} s)")
 

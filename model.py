@@ -114,24 +114,29 @@ def _set_decode(lins, how, rows):
 
 
 def fastest_decode_gemm(model, rows):
-    """Which product decode steps of `rows` rows take on this CPU: timed once per model and row count, on one pass
-    over the model's own weights per candidate (twice, interleaved; the best of each). The answer depends on the
-    host: for SmolLM2 with 8 rows, MKL-packed weights were 1.3-1.6x faster than F.linear on the Intel host this
-    was first written on, and 0.8x on a 2-core AMD EPYC, where weight @ x^T was 1.4x. model._decode_gemm caches
-    the choice (set it to force one)."""
+    """Which product decode steps of `rows` rows take on this CPU: timed once per model and row count, by passes
+    over the model's own weights (a warm-up round, then 3 rounds with the candidates interleaved; the best pass of
+    each). The answer depends on the host: for SmolLM2 with 8 rows, MKL-packed weights were 1.3-1.6x faster than
+    F.linear on the machine this was first written on, and 0.8x on a 2-core AMD EPYC, where weight @ x^T was 1.4x.
+    model._decode_gemm caches the choice (set it to force one)."""
     choice = model.__dict__.setdefault("_decode_gemm", {})
     if rows not in choice:
         lins = [mod for mod in model.modules() if isinstance(mod, Linear)]
         xs = {n: torch.randn(rows, n) for n in {mod.in_features for mod in lins}}
-        ways = ["linear", "wxt"] + (["packed"] if torch.backends.mkl.is_available() else [])
-        best = {}
+        mkl = torch.backends.mkl.is_available()
+        ways = ["linear", "wxt"] + (["packed"] if mkl else [])
+        _set_decode(lins, "packed" if mkl else None, rows)   # the packed copies, made once
+        best = dict.fromkeys(ways, float("inf"))
         with torch.no_grad():
-            for how in ways * 2:
-                _set_decode(lins, how, rows)
-                t0 = time.perf_counter()
-                for mod in lins:
-                    mod(xs[mod.in_features])
-                best[how] = min(best.get(how, float("inf")), time.perf_counter() - t0)
+            for round_ in range(4):
+                for how in ways:
+                    for mod in lins:
+                        mod.decode = None if how == "linear" else how
+                    t0 = time.perf_counter()
+                    for mod in lins:
+                        mod(xs[mod.in_features])
+                    if round_:
+                        best[how] = min(best[how], time.perf_counter() - t0)
         _set_decode(lins, None, 0)
         choice[rows] = min(best, key=best.get)
     return choice[rows]
