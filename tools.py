@@ -1666,11 +1666,15 @@ def _scalars(x):
 def awareness_score(summary, plan, facts, names) -> float:
     """Mean of two fractions: key facts mentioned in the summary (1 if none are needed and a summary was
     written) and remaining function names mentioned in the plan (1 if none remain and a plan was written).
-    Missing summary/plan scores 0 for its half. Matching is case-insensitive substring."""
+    Missing summary/plan scores 0 for its half. Matching ignores case and wants whole tokens: the fact "e1" is
+    not mentioned by "e10", nor the function "send" by "send_message"."""
+    def said(item, text):
+        return re.search(r"(?<![\w])" + re.escape(str(item)) + r"(?![\w])", text, re.IGNORECASE) is not None
+
     def frac(text, items):
         if not text:
             return 0.0
-        return 1.0 if not items else sum(str(i).lower() in text.lower() for i in items) / len(items)
+        return 1.0 if not items else sum(said(i, text) for i in items) / len(items)
     return 0.5 * frac(summary, facts) + 0.5 * frac(plan, names)
 
 

@@ -485,6 +485,14 @@ def test_summary_mode_reset():
     assert tools.Episode(task, context_mode="full").reset()[1]["content"] == task["turns"][0]["user"]
 
 
+def test_awareness_score_matches_whole_tokens():
+    assert tools.awareness_score("Created e10.", "Next: send_message.", ["e1"], ["send"]) == 0.0
+    assert tools.awareness_score("Created E1 (12.5 USD) at /docs/a.txt.", "Next: send_message, then ls.",
+                                 ["e1", "12.5", "/docs/a.txt"], ["send_message", "ls"]) == 1.0
+    assert tools.awareness_score("Total 12.50", "", ["12.5"], []) == 0.0   # another literal; no plan: 0 for its half
+    assert tools.awareness_score("", "ls", [], ["ls"]) == 0.5
+
+
 def test_rewards_hand_built():
     task = travel_task()
     gt = tools.ground_truth_calls(task)
