@@ -315,7 +315,8 @@ def main(args):
         if args.eval_every and (step % args.eval_every == 0 or last):
             raw_model.eval()
             mine = eval_tasks[ddp_rank::ddp_world_size]
-            res = M.rollout(raw_model, chat, [make_episode(t, args) for t in mine], **{**sample_kw, "temperature": 0.0})
+            with M.autocast(device):
+                res = M.rollout(raw_model, chat, [make_episode(t, args) for t in mine], **{**sample_kw, "temperature": 0.0})
             s = all_reduce(torch.tensor([sum(r["episode"].success for r in res), len(res),
                                          sum(r["episode"].reward_parts()["turns"] for r in res)], dtype=torch.float64))
             M.print0(f"eval step {step}: task success {s[0] / s[1]:.3f}, turn pass rate {s[2] / s[1]:.3f} on {int(s[1])} held-out tasks")
@@ -342,8 +343,9 @@ def main(args):
         extra = random.Random(args.seed * 7919 + step * 31 + ddp_rank)
         results, rewards, parts, turn_r, zero_var, groups_seen = [], [], [], [], 0, 0
         for round_ in range(1 + (args.max_resample if args.dynamic_sampling else 0)):
-            res = M.rollout(raw_model, chat, [make_episode(tasks[i], args) for i in picks for _ in range(G)],
-                            generator=gens[:len(picks) * G], **sample_kw)
+            with M.autocast(device):   # the precision the trainer recomputes these log-probs in (bf16 on CUDA)
+                res = M.rollout(raw_model, chat, [make_episode(tasks[i], args) for i in picks for _ in range(G)],
+                                generator=gens[:len(picks) * G], **sample_kw)
             r, p, tr = episode_rewards(res, args)
             flat = (r.view(-1, G).max(1).values == r.view(-1, G).min(1).values).tolist()
             zero_var += sum(flat)
