@@ -206,17 +206,22 @@ def bench_train(model, tok, label):
         print(f"mfu_0.5B: {flops / t / peak * 100:.1f}% ({flops / t / 1e12:.0f} TFLOP/s)")
 
 
+VIEWS = {f"aten::{n}" for n in ("view", "as_strided", "transpose", "reshape", "slice", "select", "t", "unsqueeze",
+                                "expand", "narrow", "_reshape_alias", "_unsafe_view", "empty", "empty_strided",
+                                "empty_like", "to", "_to_copy", "type_as", "result_type", "detach", "alias", "lift_fresh",
+                                "contiguous", "resolve_conj", "linear", "matmul")}   # no kernel of their own
+
+
 def bench_ops(model):
     """Op calls in one decode step of G rows sharing a prompt, on each decode route (model.decode_shares_prefix);
     off the CPU, almost every op that is not a view is a kernel launch, and launches bound a GPU decode step."""
     from torch.profiler import profile, ProfilerActivity
     G, P = args.group_size, args.prompt_len
     model = model.to(device, dtype).eval()
-    shares, attend = M.decode_shares_prefix, M.attend
+    shares = M.decode_shares_prefix
     for route in ("shared prefix (CPU)", "own copies, one fused attention (GPU)"):
         if route.endswith("(GPU)"):   # the GPU route, run wherever this runs
             M.decode_shares_prefix = lambda device_type: False
-            M.attend = lambda q, k, v, bias, fused=None: attend(q, k, v, bias, fused=False)
         cache = M.KVCache(model.cfg, G, P + 8, device, dtype)
         with torch.no_grad():
             M.forward_cached(model, cache, [list(range(1, P + 1))], [0], [0])
@@ -225,16 +230,11 @@ def bench_ops(model):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 M.forward_cached(model, cache, [[5]] * G, list(range(G)), [P + 1] * G)
         ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-        compute = sum(e.count for e in ops if not VIEWS & {e.key})
+        compute = sum(e.count for e in ops if e.key not in VIEWS)
         print(f"decode step, {G} rows sharing a {P}-token prompt, {route}: {sum(e.count for e in ops)} aten op calls, "
               f"{compute} of them not views or allocations")
-    M.decode_shares_prefix, M.attend = shares, attend
+    M.decode_shares_prefix = shares
 
-
-VIEWS = {f"aten::{n}" for n in ("view", "as_strided", "transpose", "reshape", "slice", "select", "t", "unsqueeze", "expand",
-                                "narrow", "_reshape_alias", "_unsafe_view", "empty", "empty_strided", "empty_like", "to",
-                                "result_type", "detach", "alias", "lift_fresh", "contiguous", "linear", "matmul", "type_as", "resolve_conj",
-                                "_to_copy")}
 
 model, tok, label = smollm2()
 if args.only == "ops":
