@@ -118,10 +118,14 @@ def fastest_decode_gemm(model, rows):
     over the model's own weights (a warm-up round, then 3 rounds with the candidates interleaved; the best pass of
     each). The answer depends on the host: for SmolLM2 with 8 rows, MKL-packed weights were 1.3-1.6x faster than
     F.linear on the machine this was first written on, and 0.8x on a 2-core AMD EPYC, where weight @ x^T was 1.4x.
-    model._decode_gemm caches the choice (set it to force one)."""
+    model._decode_gemm caches the choice (set it to force one). The choice changes float rounding, hence sampled
+    runs: so models under 64 MB of weights (bound by op overhead, not memory) keep F.linear without timing, and
+    another product must beat F.linear by 10% to be taken."""
     choice = model.__dict__.setdefault("_decode_gemm", {})
+    lins = [mod for mod in model.modules() if isinstance(mod, Linear)]
+    if rows not in choice and sum(mod.weight.numel() * mod.weight.element_size() for mod in lins) < 64 * 2**20:
+        choice[rows] = "linear"
     if rows not in choice:
-        lins = [mod for mod in model.modules() if isinstance(mod, Linear)]
         xs = {n: torch.randn(rows, n) for n in {mod.in_features for mod in lins}}
         mkl = torch.backends.mkl.is_available()
         ways = ["linear", "wxt"] + (["packed"] if mkl else [])
@@ -138,7 +142,8 @@ def fastest_decode_gemm(model, rows):
                     if round_:
                         best[how] = min(best[how], time.perf_counter() - t0)
         _set_decode(lins, None, 0)
-        choice[rows] = min(best, key=best.get)
+        fastest = min(best, key=best.get)
+        choice[rows] = fastest if best[fastest] < 0.9 * best["linear"] else "linear"
     return choice[rows]
 
 

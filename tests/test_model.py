@@ -180,8 +180,8 @@ def test_sampler_greedy_equals_reference_greedy(tok, gemm):
     m = tiny(tok)
     if gemm != "probe":   # each of the decode products decode_layout may pick on some CPU
         m._decode_gemm = {3: gemm}
-    else:
-        assert M.fastest_decode_gemm(m, 3) in ("linear", "wxt", "packed")
+    else:   # a tiny model keeps F.linear: the same rounding, hence the same samples, on every machine and run
+        assert M.fastest_decode_gemm(m, 3) == "linear"
     eps = lambda: [FakeEpisode(3), FakeEpisode(4, reset_at=2), FakeEpisode(2, user="Different prompt here.")]
     fast, slow = run(m, tok, eps()), run(m, tok, eps(), use_cache=False)
     for a, b in zip(fast, slow):
