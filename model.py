@@ -683,11 +683,12 @@ class KVCache:
             self.src[r], self.shared[r] = src, length
 
     def restart(self, r):
-        """Row r starts a new context at position 0: rows that read their prefix from r use their own copy."""
+        """Row r starts a new context at position 0: it leaves its group, and rows that read their prefix from r
+        use their own copy. So every row of a group shares the group's whole prefix."""
         for d, s in enumerate(self.src):
             if s == r:
                 self.src[d] = d
-        self.shared[r] = 0
+        self.src[r], self.shared[r] = r, 0
 
 
 def attend(q, k, v, bias, fused=None):
@@ -757,7 +758,8 @@ class CacheView:
         keys = torch.arange(lo, self.kv_len, device=dev)[None, :]
         step = order[1] - order[0] if len(order) > 1 else 1
         even = step > 0 and order == list(range(order[0], order[-1] + 1, step))
-        # a row that restarted its context has no prefix: it reads key 0 (any finite key) and its weight is 0
+        # a row alone in its "group" (no copied prefix, or restarted) has shared 0: it reads key 0 (any finite key)
+        # and gets weight 0 in the merge. A real group (two rows or more here) shares its whole prefix, so tp > 0
         no_prefix = shared_t[:, :, None, None] == 0
         return {"src": slice(order[0], order[-1] + 1, step) if even else torch.tensor(order, device=dev),
                 "gmax": gmax, "slot": None if slot == list(range(len(order) * gmax)) else torch.tensor(slot, device=dev),

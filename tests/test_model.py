@@ -229,6 +229,27 @@ def test_shared_prefix_decode_equals_reference(tok, monkeypatch):
     assert len({tuple(r["segments"][0]["ids"]) for r in fast[:3]}) > 1   # rows of a group diverged
 
 
+def test_group_members_that_restart_leave_their_group(tok):
+    # RL in summary mode: members of a group restart their context while others still decode against the shared
+    # prompt, and the group's source row is done. This once crashed (SIGFPE in the CPU flash kernel on a prefix of
+    # length 0), and could silently cut a member's prefix to one key. Members restart at different steps
+    m = tiny(tok)
+    eps = lambda: [FakeEpisode(1), FakeEpisode(3, reset_at=1), FakeEpisode(4, reset_at=2), FakeEpisode(4),
+                   FakeEpisode(3, reset_at=1), FakeEpisode(4)]
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(6)]
+    fast = run(m, tok, eps(), temperature=1.0, generator=gens())
+    slow = run(m, tok, eps(), temperature=1.0, generator=gens(), use_cache=False)
+    for a, b in zip(fast, slow):
+        assert [s["ids"] for s in a["segments"]] == [s["ids"] for s in b["segments"]]
+        for sa, sb in zip(a["segments"], b["segments"]):
+            assert torch.allclose(torch.tensor(sa["logp"]), torch.tensor(sb["logp"]), atol=1e-4)
+    assert [len(r["segments"]) for r in fast] == [1, 2, 2, 1, 2, 1]
+    cache = M.KVCache(m.cfg, 3, 16, "cpu", torch.float32)
+    cache.copy_rows(0, [1, 2], 4)
+    cache.restart(1)
+    assert (cache.src, cache.shared) == ([0, 1, 0], [4, 0, 4])
+
+
 @pytest.mark.parametrize("route", ["plain formula", "gpu route"])
 def test_unfused_attention_path_in_the_sampler(tok, monkeypatch, route):
     # decode steps off CPU take attend's plain formula, or (the GPU route) no shared-prefix reads and one
