@@ -321,6 +321,7 @@ def main(args):
 
     def write(records, done):
         """The results JSON from these records, written atomically (a reader never sees half a file)."""
+        records = sorted(records, key=lambda r: (r["index"], r["sample"]))
         summary = summarize(records)
         by_type, by_horizon, by_slice = breakdown(records)
         results = {"bench": args.bench, "setting": setting, "model": model_name, "checkpoint": ckpt,
@@ -354,12 +355,11 @@ def main(args):
             M.print0(f"rank 0: {len(records)}/{len(mine)} episodes | success {sum(r['success'] for r in records)} "
                      f"| overflow {sum(r['overflow'] for r in records)} | {time.time() - t0:.0f} s")
         if not ddp and len(records) < len(mine):   # an interrupted eval keeps what it has done ("complete": false)
-            write(sorted(records, key=lambda r: (r["index"], r["sample"])), False)
+            write(records, False)
     if ddp:
         gathered = [None] * ddp_world_size
         dist.all_gather_object(gathered, records)
         records = [r for part in gathered for r in part]
-    records.sort(key=lambda r: (r["index"], r["sample"]))
 
     if master_process:
         results = write(records, len(records) == len(tasks) * args.samples)

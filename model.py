@@ -122,28 +122,30 @@ def fastest_decode_gemm(model, rows):
     runs: so models under 64 MB of weights (bound by op overhead, not memory) keep F.linear without timing, and
     another product must beat F.linear by 10% to be taken."""
     choice = model.__dict__.setdefault("_decode_gemm", {})
+    if rows in choice:
+        return choice[rows]
     lins = [mod for mod in model.modules() if isinstance(mod, Linear)]
-    if rows not in choice and sum(mod.weight.numel() * mod.weight.element_size() for mod in lins) < 64 * 2**20:
+    if sum(mod.weight.numel() * mod.weight.element_size() for mod in lins) < 64 * 2**20:
         choice[rows] = "linear"
-    if rows not in choice:
-        xs = {n: torch.randn(rows, n) for n in {mod.in_features for mod in lins}}
-        mkl = torch.backends.mkl.is_available()
-        ways = ["linear", "wxt"] + (["packed"] if mkl else [])
-        _set_decode(lins, "packed" if mkl else None, rows)   # the packed copies, made once
-        best = dict.fromkeys(ways, float("inf"))
-        with torch.no_grad():
-            for round_ in range(4):
-                for how in ways:
-                    for mod in lins:
-                        mod.decode = None if how == "linear" else how
-                    t0 = time.perf_counter()
-                    for mod in lins:
-                        mod(xs[mod.in_features])
-                    if round_:
-                        best[how] = min(best[how], time.perf_counter() - t0)
-        _set_decode(lins, None, 0)
-        fastest = min(best, key=best.get)
-        choice[rows] = fastest if best[fastest] < 0.9 * best["linear"] else "linear"
+        return choice[rows]
+    xs = {n: torch.randn(rows, n) for n in {mod.in_features for mod in lins}}
+    mkl = torch.backends.mkl.is_available()
+    ways = ["linear", "wxt"] + (["packed"] if mkl else [])
+    _set_decode(lins, "packed" if mkl else None, rows)   # the packed copies, made once
+    best = dict.fromkeys(ways, float("inf"))
+    with torch.no_grad():
+        for round_ in range(4):
+            for how in ways:
+                for mod in lins:
+                    mod.decode = None if how == "linear" else how
+                t0 = time.perf_counter()
+                for mod in lins:
+                    mod(xs[mod.in_features])
+                if round_:
+                    best[how] = min(best[how], time.perf_counter() - t0)
+    _set_decode(lins, None, 0)
+    fastest = min(best, key=best.get)
+    choice[rows] = fastest if best[fastest] < 0.9 * best["linear"] else "linear"
     return choice[rows]
 
 
@@ -733,7 +735,8 @@ class CacheView:
         self.valid = None if t == 1 else valid           # a decode step has no pads
         self.i = 0
         if t == 1:   # decode: each row reads keys up to its own position
-            self.groups = self._groups(r.tolist(), pos[:, 0]) if decode_shares_prefix(pos.device.type) else None
+            self.shares_prefix = decode_shares_prefix(pos.device.type)   # the route, decided once per step
+            self.groups = self._groups(r.tolist(), pos[:, 0]) if self.shares_prefix else None
             keys = torch.arange(kv_len, device=pos.device)[None, :]
             self.bias = None if self.groups else key_bias(keys <= pos, cache.k.dtype)
 
@@ -803,7 +806,7 @@ class CacheView:
         qg = q.reshape(b, kvh, -1, q.shape[-1]).to(self.cache.k.dtype)
         g = self.groups
         if g is None:
-            if decode_shares_prefix(qg.device.type):
+            if self.shares_prefix:
                 return attend(qg, *self.read(), self.bias)[0]
             return F.scaled_dot_product_attention(qg, *self.read(), attn_mask=self.bias)
         kp = self.cache.k[self.i][g["src"], :, :g["tp"]]  # (u, Hkv, tp, hd): one prefix per group
