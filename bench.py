@@ -126,11 +126,12 @@ def bench_sampler(model, tok, label):
     print(f"hf_generate:  {G * N / t_hf:8.1f} tokens/s ({t_hf:.2f} s)")
     print(f"our_sampler:  {G * N / t_ours:8.1f} tokens/s ({t_ours:.2f} s)")
 
-    # injecting a tool result: one ragged chunk per row vs the same tokens as decode steps
+    # injecting a tool result: one ragged chunk per row vs the same tokens as decode steps, both with the products
+    # the sampler's forward passes use (decode_layout)
     L = args.inject_len
     cache = M.KVCache(model.cfg, G, len(prompt_ids) + L + 1, device, dtype)
     chunk = torch.randint(0, len(tok), (L,)).tolist()
-    with torch.no_grad():
+    with torch.no_grad(), M.decode_layout(model, G):
         M.forward_cached(model, cache, [prompt_ids] * G, list(range(G)), [0] * G)
         t_chunk = best_time(lambda: M.forward_cached(model, cache, [chunk] * G, list(range(G)), [len(prompt_ids)] * G))
 
@@ -145,15 +146,14 @@ def bench_sampler(model, tok, label):
     print(f"kv_cache_bytes: {cache.nbytes()} = 2 x {c.n_layers} layers x {G} rows x {cache.max_len} max_len x "
           f"{c.n_kv_heads} kv_heads x {c.head_dim} head_dim x {cache.k.element_size()} bytes "
           f"({'exact' if want == cache.nbytes() else 'MISMATCH'}; {cache.nbytes() / 2**20:.1f} MiB)")
-    if cuda:
-        # a decode step reads every weight once and each row's keys/values so far (on average P + L/2 positions)
-        elem = cache.k.element_size()
-        kv = 2 * c.n_layers * G * (len(prompt_ids) + (L + 1) / 2) * c.n_kv_heads * c.head_dim * elem
-        bw = (model.num_params() * elem + kv) * L / t_steps
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}.items() if k in name), None)
-        print(f"decode: {t_steps / L * 1e3:.2f} ms per step of {G} rows, {bw / 1e9:.0f} GB/s moved"
-              + (f" = {bw / peak:.1%} of the {peak / 1e12:.2f} TB/s peak" if peak else "") + f" ({name})")
+    # a decode step reads every weight once and each row's keys/values so far (on average P + L/2 positions)
+    elem = cache.k.element_size()
+    kv = 2 * c.n_layers * G * (len(prompt_ids) + (L + 1) / 2) * c.n_kv_heads * c.head_dim * elem
+    bw = (model.num_params() * elem + kv) * L / t_steps
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = next((v for k, v in {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}.items() if k in name), None)
+    print(f"decode: {t_steps / L * 1e3:.2f} ms per step of {G} rows, {bw / 1e9:.1f} GB/s moved"
+          + (f" = {bw / peak:.1%} of the {peak / 1e12:.2f} TB/s peak" if peak else "") + f" ({name})")
     return t_hf / t_ours
 
 

@@ -94,33 +94,45 @@ def rope_inv_freq(cfg):
 
 class Linear(nn.Linear):
     """nn.Linear with a faster product for the few rows of a CPU decode step, set by decode_layout: the weight
-    times x^T ("wxt": MKL then splits the work over threads by output rows) or a copy of the weight that MKL has
-    packed for that row count ("packed", sgemm_pack). Bigger inputs (prefill, injected chunks) take F.linear."""
+    times x^T ("wxt": MKL then splits the work over threads by output rows), or a copy of the weight packed for
+    that row count by MKL ("mkl", sgemm_pack) or by oneDNN ("onednn", its own blocked layout). Bigger inputs
+    (prefill, injected chunks) take F.linear."""
     decode, decode_rows, packed = None, 0, None
 
     def forward(self, x):
+        if self.decode == "onednn":   # oneDNN's packed weights are faster at any row count (prefill, chunks too)
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed["onednn"], self.bias, "none", [], "")
         if self.decode is not None and x.numel() <= self.decode_rows * x.shape[-1]:
-            if self.decode == "packed":
-                return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.decode_rows)
+            if self.decode == "mkl":
+                return torch.ops.mkl._mkl_linear(x, self.packed["mkl"], self.weight, self.bias, self.decode_rows)
             y = (self.weight @ x.reshape(-1, x.shape[-1]).t()).t().contiguous().view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
 
-def _set_decode(lins, how, rows):
+def _pack(w, how, rows):
+    if how == "mkl":
+        return torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+    return torch.ops.mkldnn._reorder_linear_weight(w, rows)
+
+
+def _set_decode(lins, how, rows, packs=()):
+    """Give Linear layers a decode product; packs: which packed weight copies to make (fresh, from the current
+    weights)."""
     for mod in lins:
         mod.decode, mod.decode_rows = how, rows
-        mod.packed = torch.ops.mkl._mkl_reorder_linear_weight(mod.weight.detach(), rows) if how == "packed" else None
+        mod.packed = {p: _pack(mod.weight.detach(), p, rows) for p in packs} or None
 
 
 def fastest_decode_gemm(model, rows):
     """Which product decode steps of `rows` rows take on this CPU: timed once per model and row count, by passes
     over the model's own weights (a warm-up round, then 3 rounds with the candidates interleaved; the best pass of
-    each). The answer depends on the host: for SmolLM2 with 8 rows, MKL-packed weights were 1.3-1.6x faster than
-    F.linear on the machine this was first written on, and 0.8x on a 2-core AMD EPYC, where weight @ x^T was 1.4x.
-    model._decode_gemm caches the choice (set it to force one). The choice changes float rounding, hence sampled
-    runs: so models under 64 MB of weights (bound by op overhead, not memory) keep F.linear without timing, and
-    another product must beat F.linear by 10% to be taken."""
+    each). The answer depends on the host. For SmolLM2 with 8 rows: MKL-packed weights were 1.3-1.6x faster than
+    F.linear on the machine this was first written on; on a 2-core AMD EPYC (AVX-512) MKL-packed was 0.8x F.linear,
+    weight @ x^T 1.4x, and oneDNN-packed 2x (bench.py prints the pick). While timing, both packed copies are held
+    (twice the weights' memory, briefly). model._decode_gemm caches the choice (set it to force one). The choice
+    changes float rounding, hence sampled runs: so models under 64 MB of weights (bound by op overhead, not
+    memory) keep F.linear without timing, and another product must beat F.linear by 10% to be taken."""
     choice = model.__dict__.setdefault("_decode_gemm", {})
     if rows in choice:
         return choice[rows]
@@ -129,9 +141,10 @@ def fastest_decode_gemm(model, rows):
         choice[rows] = "linear"
         return choice[rows]
     xs = {n: torch.randn(rows, n) for n in {mod.in_features for mod in lins}}
-    mkl = torch.backends.mkl.is_available()
-    ways = ["linear", "wxt"] + (["packed"] if mkl else [])
-    _set_decode(lins, "packed" if mkl else None, rows)   # the packed copies, made once
+    packs = [p for p, ok in [("mkl", torch.backends.mkl.is_available()),
+                             ("onednn", torch.backends.mkldnn.is_available())] if ok]
+    ways = ["linear", "wxt"] + packs
+    _set_decode(lins, None, rows, packs)   # the packed copies, made once
     best = dict.fromkeys(ways, float("inf"))
     with torch.no_grad():
         for round_ in range(4):
@@ -158,7 +171,7 @@ def decode_layout(model, rows):
     use = not p.is_cuda and p.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
     lins = [mod for mod in model.modules() if isinstance(mod, Linear)] if use else []
     how = fastest_decode_gemm(model, rows) if lins else None
-    _set_decode(lins, None if how == "linear" else how, rows)
+    _set_decode(lins, None if how == "linear" else how, rows, [how] if how in ("mkl", "onednn") else ())
     try:
         yield
     finally:
