@@ -165,8 +165,9 @@ def fastest_decode_gemm(model, rows):
 @contextlib.contextmanager
 def decode_layout(model, rows):
     """For the duration, decode steps of up to `rows` rows on a CPU (fp32, no autocast) multiply by the weights
-    the fastest way measured here (fastest_decode_gemm); packed copies are made afresh per call, so they always
-    match the current weights. Elsewhere (GPU, bf16, autocast) nothing changes."""
+    the fastest way measured here (fastest_decode_gemm; oneDNN's packed weights, when picked, serve every forward,
+    prefill too); packed copies are made afresh per call, so they always match the current weights. Elsewhere
+    (GPU, bf16, autocast, training) nothing changes."""
     p = next(model.parameters())
     use = not p.is_cuda and p.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
     lins = [mod for mod in model.modules() if isinstance(mod, Linear)] if use else []
