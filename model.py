@@ -116,11 +116,12 @@ def _pack(w, how, rows):
     return torch.ops.mkldnn._reorder_linear_weight(w, rows)
 
 
-def _set_decode(lins, how, rows, packs=()):
-    """Give Linear layers a decode product; packs: which packed weight copies to make (fresh, from the current
-    weights)."""
+def _set_decode(lins, how, rows, packs=None):
+    """Give Linear layers a decode product (None or "linear": F.linear); packs: which packed weight copies to make,
+    fresh from the current weights (default: the one `how` needs, if any)."""
+    packs = ([how] if how in ("mkl", "onednn") else []) if packs is None else packs
     for mod in lins:
-        mod.decode, mod.decode_rows = how, rows
+        mod.decode, mod.decode_rows = None if how == "linear" else how, rows
         mod.packed = {p: _pack(mod.weight.detach(), p, rows) for p in packs} or None
 
 
@@ -172,7 +173,7 @@ def decode_layout(model, rows):
     use = not p.is_cuda and p.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
     lins = [mod for mod in model.modules() if isinstance(mod, Linear)] if use else []
     how = fastest_decode_gemm(model, rows) if lins else None
-    _set_decode(lins, None if how == "linear" else how, rows, [how] if how in ("mkl", "onednn") else ())
+    _set_decode(lins, how, rows)
     try:
         yield
     finally:
