@@ -1,7 +1,7 @@
 """
 sft.py: supervised warm-up on gen_data.py's trajectories (the PAG SFT stage of PARL-MT).
 
-    python sft.py                                              # CPU default: tiny model from scratch, ~5 min
+    python sft.py                                              # CPU default: tiny model from scratch, ~4 min
     python sft.py --init-from smollm2 --lr 1e-4 --seq-len 4096 # the offline SmolLM2-135M-Instruct (GGUF)
     torchrun --standalone --nproc_per_node=2 sft.py            # same global batch, same result (gloo on CPU)
     python sft.py --resume                                     # continue out/sft/ exactly where it stopped
@@ -59,8 +59,8 @@ parser.add_argument("--n-heads", type=int, default=4, help="scratch only: query 
 parser.add_argument("--n-kv-heads", type=int, default=2, help="scratch only: key/value heads (GQA)")
 parser.add_argument("--ffn-dim", type=int, default=384, help="scratch only: MLP hidden width (channels)")
 # optimisation
-parser.add_argument("--num-steps", type=int, default=300, help="optimizer steps")
-parser.add_argument("--batch-tokens", type=int, default=16384,
+parser.add_argument("--num-steps", type=int, default=600, help="optimizer steps")
+parser.add_argument("--batch-tokens", type=int, default=8192,
                     help="global batch per optimizer step in tokens, counted as rows x seq-len (padding included)")
 parser.add_argument("--device-batch-size", type=int, default=1, help="rows per micro-step per process; "
                     "gradient accumulation makes up the global batch")

