@@ -331,7 +331,9 @@ def conversation():
 def test_incremental_rendering_equals_full(tok, own_template):
     chat = M.Chat(tok)
     if own_template:  # a Qwen-style template with tool responses grouped into a user turn
-        chat.template = chat.template.replace("<|im_start|>{{ message.role }}", "<|im_start|>{{ 'user' if message.role == 'tool' else message.role }}")
+        own = chat.template.replace("'<|im_start|>' + message.role", "'<|im_start|>' + ('user' if message.role == 'tool' else message.role)")
+        assert own != chat.template
+        chat.template = own
     msgs, tools = conversation(), FakeEpisode.tools
     ids, mask = chat.render(msgs, tools)
     assert ids == chat.encode(chat.text(msgs, tools))          # the pieces tokenise like the whole text
