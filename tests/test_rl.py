@@ -190,12 +190,12 @@ def test_time_limit_saves_and_stops_after_one_step(setup):
 
 
 def test_reward_rises_on_a_learnable_toy(setup):
-    p = run_toy(setup, setup / "learn", 12, extra=["--lr=2e-2", "--save-every=100", "--group-size=8"])
+    p = run_toy(setup, setup / "learn", 20, extra=["--lr=2e-2", "--save-every=100", "--group-size=8"])
     assert p.returncode == 0, p.stderr[-3000:]
     log = [json.loads(line) for line in open(setup / "learn" / "log.jsonl") if '"reward"' in line]
     early = sum(r["reward"] for r in log[:3]) / 3
     late = sum(r["reward"] for r in log[-3:]) / 3
-    assert late > early + 0.1, (early, late)   # seen: 0.004 -> 0.16
+    assert late > early + 0.1, (early, late)   # seen: 0.003 -> 0.46 (it starts to rise at about step 5)
 
 
 def test_curve_svg_plots_the_log(tmp_path):
