@@ -219,9 +219,10 @@ def main(args):
     M.print0(json.dumps(vars(args)))
     out_dir, log_path = args.out_dir, os.path.join(args.out_dir, "log.jsonl")
     rows_per_step = args.batch_tokens // args.seq_len
-    assert args.batch_tokens % args.seq_len == 0, "--batch-tokens must be a multiple of --seq-len"
-    assert rows_per_step % (args.device_batch_size * ddp_world_size) == 0, \
-        f"{rows_per_step} rows per step must split into micro-batches of {args.device_batch_size} on {ddp_world_size} processes"
+    if args.batch_tokens % args.seq_len or rows_per_step % (args.device_batch_size * ddp_world_size):
+        raise SystemExit(f"--batch-tokens {args.batch_tokens} must be a multiple of --seq-len {args.seq_len}, and its "
+                         f"{rows_per_step} rows per step must split into micro-batches of --device-batch-size "
+                         f"{args.device_batch_size} on {ddp_world_size} process(es)")
     grad_accum = rows_per_step // (args.device_batch_size * ddp_world_size)
 
     # model and tokenizer

@@ -247,3 +247,9 @@ def test_missing_data_is_a_clear_error(tmp_path):
     p = subprocess.run([sys.executable, "sft.py", "--train", str(tmp_path / "nope.jsonl")], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode != 0 and "run python gen_data.py first" in p.stderr
+
+
+@pytest.mark.parametrize("flags", [["--batch-tokens", "5000"], ["--batch-tokens", "8192", "--device-batch-size", "4"]])
+def test_bad_batch_shape_is_a_clear_error(flags, tmp_path):
+    with pytest.raises(SystemExit, match="--batch-tokens .* --device-batch-size"):
+        sft.main(sft.parser.parse_args(flags + ["--out-dir", str(tmp_path), "--device", "cpu"]))
