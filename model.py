@@ -536,34 +536,37 @@ def save_model(model, tokenizer, out_dir, extra=None):
 # -----------------------------------------------------------------------------
 # Tokenizer and chat rendering
 
-# ChatML with tools in the system message (the Hermes/Qwen convention). Used whenever the tokenizer's
-# own template does not know about tools (SmolLM2).
-CHATML_TOOLS_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if loop.first and message.role == 'system' %}"
-    "{{- '<|im_start|>system\\n' + message.content }}"
-    "{%- if tools %}"
-    "{{- '\\n\\n# Tools\\n\\nYou may call one or more functions. Their signatures are in <tools></tools>:\\n<tools>' }}"
-    "{%- for t in tools %}{{- '\\n' + (t | tojson) }}{%- endfor %}"
-    "{{- '\\n</tools>' }}"
-    "{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-# The same with one line per tool, `name(arg: type, opt?: type, side: buy|sell) description`, in place of its
-# JSON schema (parameter descriptions dropped): the template of tokenizers trained here. The schemas were a third
-# of a tiny model's tokens, and a model from scratch has no use for JSON-schema fluency.
-CHATML_COMPACT_TEMPLATE = CHATML_TOOLS_TEMPLATE.replace(
-    "{%- for t in tools %}{{- '\\n' + (t | tojson) }}{%- endfor %}",
-    "{%- for t in tools %}{%- set f = t.function if t.function is defined else t %}"
+def _chatml_tools(tool_line):
+    """ChatML with the tools in the system message (the Hermes/Qwen convention), `tool_line` (Jinja, of `t`)
+    writing each tool's line."""
+    return ("{%- for message in messages %}"
+            "{%- if loop.first and message.role == 'system' %}"
+            "{{- '<|im_start|>system\\n' + message.content }}"
+            "{%- if tools %}"
+            "{{- '\\n\\n# Tools\\n\\nYou may call one or more functions. Their signatures are in <tools></tools>:\\n<tools>' }}"
+            "{%- for t in tools %}" + tool_line + "{%- endfor %}"
+            "{{- '\\n</tools>' }}"
+            "{%- endif %}"
+            "{{- '<|im_end|>\\n' }}"
+            "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+            "{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+# Each tool as its JSON schema: used whenever the tokenizer's own template does not know about tools (SmolLM2).
+CHATML_TOOLS_TEMPLATE = _chatml_tools("{{- '\\n' + (t | tojson) }}")
+# Each tool as one line, `name(arg: type, opt?: type, side: buy|sell) description` (parameter descriptions
+# dropped): the template of tokenizers trained here. The schemas were a third of a tiny model's tokens, and a
+# model from scratch has no use for JSON-schema fluency.
+CHATML_COMPACT_TEMPLATE = _chatml_tools(
+    "{%- set f = t.function if t.function is defined else t %}"
     "{%- set ps = f.parameters | default({}) %}{%- set req = ps.required | default([]) %}"
     "{{- '\\n' + f.name + '(' }}"
     "{%- for name, p in (ps.properties | default({})).items() %}"
     "{{- (', ' if not loop.first else '') + name + ('' if name in req else '?') + ': '"
     " + (p.enum | join('|') if p.enum is defined else p.type | default('any') | string) }}"
     "{%- endfor %}"
-    "{{- ') ' + f.description | default('') }}{%- endfor %}")
+    "{{- ') ' + f.description | default('') }}")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # strings of the tool protocol: one token each in a tokenizer trained here
 PROTOCOL_TOKENS = ["<tool_call>", "</tool_call>", "<summary>", "</summary>", "<plan>", "</plan>",
