@@ -19,8 +19,7 @@ Stages, one function each, in this order:
   6. verification --verify-with CKPT: a step is kept only if the model, given system + tools + this step's
                   summary/plan + the request (no history), greedily makes the ground-truth calls
   7. augmentation paraphrase, schema perturbation (renamed parameters, reordered tools, short
-                  descriptions), word masking, made-up names (--swap-rate, off by default); each with a
-                  rate flag; train only
+                  descriptions), word masking; each with a rate flag; train only
   8. splits       train / val / test (held-out function combinations + a longer-horizon slice), dedupe,
                   an RL task file disjoint from train
 
@@ -80,8 +79,6 @@ parser.add_argument("--paraphrase-rate", type=float, default=0.1, help="train ep
 parser.add_argument("--schema-rate", type=float, default=0.05, help="train episodes copied with perturbed tool schemas (fraction)")
 parser.add_argument("--mask-rate", type=float, default=0.05, help="train episodes copied with words dropped from user turns (fraction)")
 parser.add_argument("--mask-words", type=float, default=0.15, help="word masking: fraction of plain words dropped per user turn")
-parser.add_argument("--swap-rate", type=float, default=0.0, help="train episodes copied with the names the user types "
-                    "(titles, subjects, people, symbols...) replaced by made-up words everywhere, so a model must copy them (fraction)")
 # output / runtime
 parser.add_argument("--out-dir", default="data", help="output directory (train/val/test/rl.jsonl, stats.json, dropped.jsonl)")
 parser.add_argument("--stats-vocab-size", type=int, default=2048, help="stats: vocabulary of the byte-level BPE used to count tokens")
@@ -1536,36 +1533,6 @@ def mask_words(task, rng, frac):
     return _rewrite_users(task, drop)
 
 
-SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-
-
-def _made_up(rng, like, taken):
-    """A fresh word shaped like `like` (ALL CAPS, Capitalised or lower case) that `taken` does not contain."""
-    while True:
-        w = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
-        w = w.upper()[:max(3, len(like))] if like.isupper() and len(like) > 1 else w.capitalize() if like[0].isupper() else w
-        if not re.search(rf"\b{w}\b", taken):
-            return w
-
-
-def swap_values(task, rng):
-    """Replace the names the user types and a call needs (capitalised strings in both) by made-up words, in the
-    requests, the ground truth and the world alike; None when there are none. Title-case names swap word by word
-    ('Ann' in 'Ann Lee' and alone), phrases ('See you at noon') whole. The copy must still replay (sft_line checks)."""
-    users = " ".join(t["user"] for t in task["turns"])
-    wanted = sorted({v for v in _values(task) if re.fullmatch(r"[A-Z][A-Za-z ]+", v) and v in users})
-    units = sorted({w for v in wanted if v.istitle() or v.isupper() for w in v.split() if len(w) > 1}
-                   | {v for v in wanted if not (v.istitle() or v.isupper())}, key=len, reverse=True)
-    if not units:
-        return None
-    text = json.dumps({k: task[k] for k in ("envs", "turns")})
-    fresh = {}
-    for u in units:
-        fresh[u] = " ".join(_made_up(rng, w, text + " ".join(fresh.values())) for w in u.split())
-    text = re.sub(r"\b(" + "|".join(map(re.escape, units)) + r")\b", lambda m: fresh[m.group(1)], text)
-    return dict(task, **json.loads(text))
-
-
 def perturb_schema(line, rng):
     """Rename some parameters consistently, shuffle the tool order, cut descriptions to their first sentence."""
     known = tools.known_schemas(line)
@@ -1606,15 +1573,14 @@ def augment(lines, rng, args):
     """-> train lines + augmented copies (ids suffixed, tags["augment"] set)."""
     out = list(lines)
     for line in lines:
-        for kind, rate in (("paraphrase", args.paraphrase_rate), ("schema", args.schema_rate), ("mask", args.mask_rate),
-                           ("swap", args.swap_rate)):
-            if rate <= 0 or rng.random() >= rate:  # no draw at rate 0: the other copies stay the same
+        for kind, rate in (("paraphrase", args.paraphrase_rate), ("schema", args.schema_rate), ("mask", args.mask_rate)):
+            if rng.random() >= rate:
                 continue
             if kind == "schema":
                 new = perturb_schema(line, rng)
             else:
                 task = {k: v for k, v in line.items() if k not in ("messages", "tools")}
-                task = {"paraphrase": paraphrase, "mask": lambda t, r: mask_words(t, r, args.mask_words), "swap": swap_values}[kind](task, rng)
+                task = paraphrase(task, rng) if kind == "paraphrase" else mask_words(task, rng, args.mask_words)
                 new = task and sft_line(task, args.pa == "programmatic")[0]
             changed = new and (kind == "schema" or [t["user"] for t in new["turns"]] != [t["user"] for t in line["turns"]])
             if changed:
@@ -1750,7 +1716,7 @@ def token_stats(splits, args):
 
 def check_args(args):
     for k in ("val_frac", "test_frac", "test_long_frac", "miss_param_rate", "miss_func_rate", "long_context_rate",
-              "error_recovery_rate", "paraphrase_rate", "schema_rate", "mask_rate", "swap_rate", "mask_words", "bfcl_test_frac"):
+              "error_recovery_rate", "paraphrase_rate", "schema_rate", "mask_rate", "mask_words", "bfcl_test_frac"):
         if not 0 <= getattr(args, k) <= 1:
             raise SystemExit(f"--{k.replace('_', '-')} must be between 0 and 1, got {getattr(args, k)}")
     if args.miss_param_rate + args.miss_func_rate + args.long_context_rate + args.error_recovery_rate > 1:
