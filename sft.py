@@ -109,9 +109,10 @@ def conversations(messages, context_mode):
             convs.append([system, {"role": "user", "content": content}])
         else:
             convs[-1].append(m)
-            if m["role"] == "assistant":  # like Episode: the last non-empty summary/plan, across turns
+            if m["role"] == "assistant":  # like Episode: the last summary and its plan (none after a final reply)
                 p = tools.parse_message(m["content"])
-                summary, plan = p.summary or summary, p.plan or plan
+                if p.summary or p.plan:
+                    summary, plan = p.summary or summary, p.plan
     return convs
 
 

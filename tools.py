@@ -1888,10 +1888,8 @@ class Episode:
         self.assistant.append(info)
         self.turn_index.append(info["turn"])
         self.messages.append({"role": "assistant", "content": text if isinstance(text, str) else ""})
-        if parsed.summary:
-            self.last_summary = parsed.summary
-        if parsed.plan:
-            self.last_plan = parsed.plan
+        if parsed.summary or parsed.plan:  # the plan goes with its summary: a final reply (no plan) closes it
+            self.last_summary, self.last_plan = parsed.summary or self.last_summary, parsed.plan
         if not parsed.calls and not call_errors:
             self._end_turn()
             return self._next_turn()

@@ -55,6 +55,8 @@ def test_summary_conversations_match_summary_mode_episode():
         got = sft.conversations(task["messages"], "summary")
         assert len(got) == 3 and got == want
         assert "<summary>" in got[1][1]["content"] if pa else "<summary></summary>" in got[1][1]["content"]
+        # the previous turn ended with a final reply (summary, no plan): its finished plan is not carried
+        assert "<plan>" not in got[1][1]["content"]
     assert sft.conversations(task["messages"], "full") == [task["messages"]]
 
 
