@@ -109,10 +109,8 @@ def conversations(messages, context_mode):
             convs.append([system, {"role": "user", "content": content}])
         else:
             convs[-1].append(m)
-            if m["role"] == "assistant":  # like Episode: the last summary and its plan (none after a final reply)
-                p = tools.parse_message(m["content"])
-                if p.summary or p.plan:
-                    summary, plan = p.summary or summary, p.plan
+            if m["role"] == "assistant":  # the same carry rule as Episode
+                summary, plan = tools.carry_next(summary, plan, tools.parse_message(m["content"]))
     return convs
 
 

@@ -1707,6 +1707,12 @@ def carry_text(summary, plan, request) -> str:
     return "\n".join(lines) + "\n\nNew request: " + request
 
 
+def carry_next(summary, plan, parsed):
+    """(summary, plan) a summary-mode turn carries after the parsed message: the last summary and the plan written
+    with it; a final reply (summary, no plan) closes the plan."""
+    return (parsed.summary or summary, parsed.plan) if parsed.summary or parsed.plan else (summary, plan)
+
+
 def read_tasks(path, need=("envs", "turns")) -> list:
     """Tasks from a JSONL file (one per line, gen_data.py's format). Anything malformed stops the run with
     an error naming the file and line; `need` lists the keys every task must have."""
@@ -1888,8 +1894,7 @@ class Episode:
         self.assistant.append(info)
         self.turn_index.append(info["turn"])
         self.messages.append({"role": "assistant", "content": text if isinstance(text, str) else ""})
-        if parsed.summary or parsed.plan:  # the plan goes with its summary: a final reply (no plan) closes it
-            self.last_summary, self.last_plan = parsed.summary or self.last_summary, parsed.plan
+        self.last_summary, self.last_plan = carry_next(self.last_summary, self.last_plan, parsed)
         if not parsed.calls and not call_errors:
             self._end_turn()
             return self._next_turn()
