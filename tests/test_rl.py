@@ -153,15 +153,22 @@ def run_toy(setup, out, steps, nproc=1, crash=-1, resume=False, extra=()):
     return p
 
 
+def why(p):
+    """A failed run's output for the assertion message: torchrun puts its own summary after the child's traceback,
+    so keep the start of stderr as well as its end."""
+    err = p.stderr if len(p.stderr) <= 6000 else p.stderr[:3000] + "\n[...]\n" + p.stderr[-3000:]
+    return p.stdout[-2000:] + "\n--- stderr ---\n" + err
+
+
 def params(out):
     return load_file(os.path.join(out, "model.safetensors"))
 
 
 def test_ddp_two_processes_equal_one(setup):
     a = run_toy(setup, setup / "one", 2)
-    assert a.returncode == 0, a.stderr[-3000:]
+    assert a.returncode == 0, why(a)
     b = run_toy(setup, setup / "two", 2, nproc=2)
-    assert b.returncode == 0, b.stderr[-3000:]
+    assert b.returncode == 0, why(b)
     pa, pb = params(setup / "one"), params(setup / "two")
     start = load_file(str(setup / "ckpt" / "model.safetensors"))
     assert any(not torch.equal(pa[k], start[k]) for k in pa)   # training did move the weights
@@ -171,11 +178,11 @@ def test_ddp_two_processes_equal_one(setup):
 
 def test_resume_equals_uninterrupted(setup):
     a = run_toy(setup, setup / "full", 3)
-    assert a.returncode == 0, a.stderr[-3000:]
+    assert a.returncode == 0, why(a)
     b = run_toy(setup, setup / "cut", 3, crash=2)
     assert b.returncode != 0 and "toy crash at step 2" in b.stderr + b.stdout
     c = run_toy(setup, setup / "cut", 3, resume=True)
-    assert c.returncode == 0 and "resumed from" in c.stdout, c.stderr[-3000:]
+    assert c.returncode == 0 and "resumed from" in c.stdout, why(c)
     pa, pc = params(setup / "full"), params(setup / "cut")
     for k in pa:
         assert torch.equal(pa[k], pc[k]), k
@@ -183,7 +190,7 @@ def test_resume_equals_uninterrupted(setup):
 
 def test_time_limit_saves_and_stops_after_one_step(setup):
     p = run_toy(setup, setup / "late", 3, extra=["--time-limit=1e-9"])
-    assert p.returncode == 0 and "--time-limit 1e-09 s reached: stopping at step 1 of 3" in p.stdout, p.stderr[-3000:]
+    assert p.returncode == 0 and "--time-limit 1e-09 s reached: stopping at step 1 of 3" in p.stdout, why(p)
     log = [json.loads(line) for line in open(setup / "late" / "log.jsonl") if '"reward"' in line]
     assert [r["step"] for r in log] == [0]
     assert torch.load(setup / "late" / "trainer_state.pt", weights_only=False)["step"] == 1
@@ -191,7 +198,7 @@ def test_time_limit_saves_and_stops_after_one_step(setup):
 
 def test_reward_rises_on_a_learnable_toy(setup):
     p = run_toy(setup, setup / "learn", 20, extra=["--lr=2e-2", "--save-every=100", "--group-size=8"])
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, why(p)
     log = [json.loads(line) for line in open(setup / "learn" / "log.jsonl") if '"reward"' in line]
     early = sum(r["reward"] for r in log[:3]) / 3
     late = sum(r["reward"] for r in log[-3:]) / 3
