@@ -75,6 +75,8 @@ parser.add_argument("--batch-size", type=int, default=32, help="episodes per bat
 parser.add_argument("--time-limit", type=float, default=0, help="start no new batch after this many seconds and report "
                     "the episodes done (0 = no limit); batches then take every k-th task, so a cut eval still spreads over the file")
 # output
+parser.add_argument("--transcripts", action="store_true", help="keep each episode's messages in its record of the "
+                    "results JSON, to read what the model wrote (summary mode: the context since the last reset)")
 parser.add_argument("--out-file", default="", help="results JSON; empty = out/eval/<bench>-<model>-<setting>.json")
 # runtime
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -141,7 +143,7 @@ def spread(tasks, n):
     return [tasks[i * len(tasks) // n] for i in range(n)]
 
 
-def episode_record(task, index, sample, out):
+def episode_record(task, index, sample, out, transcript=False):
     ep = out["episode"]
     overflow = not ep.done  # the sampler stopped it: the context would not fit --max-len
     turns = []
@@ -159,6 +161,8 @@ def episode_record(task, index, sample, out):
     if "bfcl" in task:  # the official checker; an overflowed entry fails however far it got
         r["category"] = task["bfcl"]["category"][len("multi_turn_"):]
         r["bfcl"] = (not overflow) and tools.bfcl_score(task, ep.decoded_calls())
+    if transcript:
+        r["messages"] = ep.messages
     return r
 
 
@@ -350,7 +354,7 @@ def main(args):
             with M.autocast(device):
                 outs = M.rollout(raw_model, chat, episodes, max_new_tokens=args.max_new_tokens, max_len=max_len,
                                  temperature=temperature, top_k=args.top_k, top_p=args.top_p, generator=gens)
-        records += [episode_record(tasks[i], i, s, out) for (i, s), out in zip(batch, outs)]
+        records += [episode_record(tasks[i], i, s, out, args.transcripts) for (i, s), out in zip(batch, outs)]
         if raw_model is not None:
             M.print0(f"rank 0: {len(records)}/{len(mine)} episodes | success {sum(r['success'] for r in records)} "
                      f"| overflow {sum(r['overflow'] for r in records)} | {time.time() - t0:.0f} s")

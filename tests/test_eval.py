@@ -81,6 +81,20 @@ def test_oracle_is_perfect_and_empty_is_zero_synthetic(data, tmp_path, mode, pa)
     assert all(t["gt_calls"] == 0 for rec in e["records"] for t in rec["turns"] if t["passed"])
 
 
+def test_transcripts_keep_what_the_policy_wrote(data, tmp_path):
+    plain = run(tmp_path, "--data", data, "--policy", "oracle")
+    assert all("messages" not in rec for rec in plain["records"])
+    r = run(tmp_path, "--data", data, "--policy", "oracle", "--transcripts")
+    tasks = synthetic_tasks()
+    for rec in r["records"]:
+        msgs, task = rec["messages"], tasks[rec["index"]]
+        users = [m["content"] for m in msgs if m["role"] == "user"]   # a turn that adds functions appends their schemas
+        assert len(users) == len(task["turns"]) and all(u.startswith(t["user"]) for u, t in zip(users, task["turns"]))
+        written = [c["name"] for m in msgs if m["role"] == "assistant" for c in tools.parse_message(m["content"]).calls]
+        assert written == [c["name"] for t in task["turns"] for step in t["gt"] for c in step]
+    assert r["summary"] == plain["summary"]
+
+
 @pytest.mark.parametrize("prompt", ["official", "ours"])
 def test_bfcl_controls_on_a_subset(tmp_path, prompt):
     if not tools.bfcl_available():
