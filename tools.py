@@ -1435,7 +1435,8 @@ def parse_message(text) -> Parsed:
                 p.calls.append(call)
         elif getattr(p, tag) is not None:
             p.errors.append(f"more than one <{tag}>")
-        else:
+        else:  # a tag inside a summary or plan (a call written into the plan, a nested summary) is an error
+            p.errors += [f"<{inner}> tag inside <{tag}>" for inner in _STRAY_RE.findall(body)]
             setattr(p, tag, body.strip())
     if text[pos:].strip():
         p.tags.append("text")

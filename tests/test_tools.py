@@ -225,6 +225,9 @@ def test_message_round_trip(summary, plan, calls, content):
     ("<tool_call>{\"name\": \"sqrt\", \"arguments\": {\"x\": NaN}}</tool_call>", "tool_call: invalid JSON (NaN"),
     ("<summary>a</summary><summary>b</summary>", "more than one <summary>"),
     ("<plan>never closed", "unclosed or stray <plan> tag"),
+    ("<summary>Done: rm<summary>blue</summary>\nDeleted.", "<summary> tag inside <summary>"),  # an RL sample
+    ("<summary>s</summary><plan>Next: <tool_call>{\"name\": \"pwd\", \"arguments\": {}}</tool_call></plan>",
+     "<tool_call> tag inside <plan>"),
 ])
 def test_parse_errors(text, error):
     p = tools.parse_message(text)
