@@ -1436,7 +1436,7 @@ def parse_message(text) -> Parsed:
         elif getattr(p, tag) is not None:
             p.errors.append(f"more than one <{tag}>")
         else:  # a tag inside a summary or plan (a call written into the plan, a nested summary) is an error
-            p.errors += [f"<{inner}> tag inside <{tag}>" for inner in _STRAY_RE.findall(body)]
+            p.errors += [f"<{inner}> tag inside <{tag}>" for inner in dict.fromkeys(_STRAY_RE.findall(body))]
             setattr(p, tag, body.strip())
     if text[pos:].strip():
         p.tags.append("text")
