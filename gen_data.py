@@ -67,6 +67,10 @@ parser.add_argument("--long-min-chars", type=int, default=1500, help="a turn wit
 # progress awareness
 parser.add_argument("--pa", choices=["programmatic", "none"], default="programmatic",
                     help="programmatic: exact <summary>/<plan> from the ground truth; none: no awareness (baseline)")
+parser.add_argument("--failed-summaries", action="store_true",
+                    help="a call whose latest result this turn is an error goes under 'Failed: name (error)' in the "
+                         "summary, not 'Done:' (off: every ground-truth call so far is 'Done', the data of the README's "
+                         "tables)")
 parser.add_argument("--teacher", default="", help="a local causal LM (model.py load_model path) that rewrites the summaries; '' = none")
 parser.add_argument("--teacher-max-new-tokens", type=int, default=96, help="teacher: max tokens per rewritten summary")
 # verification
@@ -1324,10 +1328,14 @@ def needed_facts(ep, task, ti, si):
     return out
 
 
-def progress(ep, task, ti, si):
-    """Summary and plan for the assistant message that makes step si of turn ti (si == len(gt): the final reply)."""
+def progress(ep, task, ti, si, failed=False):
+    """Summary and plan for the assistant message that makes step si of turn ti (si == len(gt): the final reply).
+    failed: a function whose latest call this turn returned an error is listed as failed, with the error."""
     t = task["turns"][ti]
     done = list(dict.fromkeys(c["name"] for s in t["gt"][:si] for c in s))
+    rec = ep.turns[ti]  # this turn's calls so far; the latest call of a function decides whether it failed
+    errors = {n: e for n, e in {c["name"]: e for c, e in zip(rec["calls"], rec["errors"])}.items() if e and failed}
+    done = [n for n in done if n not in errors]
     facts = needed_facts(ep, task, ti, si)
     if si < len(t["gt"]):
         want, names = ep.progress_targets()
@@ -1336,31 +1344,33 @@ def progress(ep, task, ti, si):
     if t.get("pending"):  # a miss turn: what is pending and why, so that the next turn can finish it from here
         summary = f"Pending: {t['pending']}; " + (f"need {t['need']}." if t.get("need") else "no function for it yet.")
     else:
-        summary = (f"Request: {prev['pending']}. " if prev.get("pending") else "") + \
-            (f"Done: {', '.join(done)}." if done else "New request.")
+        said = [f"Done: {', '.join(done)}."] if done else []
+        said += [f"Failed: {'; '.join(f'{n} ({e})' for n, e in errors.items())}."] if errors else []
+        summary = (f"Request: {prev['pending']}. " if prev.get("pending") else "") + (" ".join(said) or "New request.")
     if facts:
         summary += " Known: " + "; ".join(f"{k}={v}" for k, v in facts) + "."
     plan = ("Next: " + ", then ".join(names) + ".") if si < len(t["gt"]) else None
     return summary, plan
 
 
-def trajectory(task, pa, overrides=None):
-    """Replay the ground truth with awareness -> the Episode (full context). overrides: {(turn, step): summary}."""
+def trajectory(task, pa, overrides=None, failed=False):
+    """Replay the ground truth with awareness -> the Episode (full context). overrides: {(turn, step): summary};
+    failed: see progress()."""
     ep = tools.Episode(task, pa=pa)
     ep.reset()
     for ti, t in enumerate(task["turns"]):
         for si in range(len(t["gt"]) + 1):
             calls = t["gt"][si] if si < len(t["gt"]) else []
-            summary, plan = progress(ep, task, ti, si) if pa else (None, None)
+            summary, plan = progress(ep, task, ti, si, failed) if pa else (None, None)
             if overrides and (ti, si) in overrides:
                 summary = overrides[(ti, si)]
             ep.step(tools.render_message(summary, plan, calls, "" if calls else t.get("reply") or "Done."))
     return ep
 
 
-def sft_line(task, pa, overrides=None):
+def sft_line(task, pa, overrides=None, failed=False):
     """Task + messages + tools, or None (with a reason) when the ground truth does not replay with success."""
-    ep = trajectory(task, pa, overrides)
+    ep = trajectory(task, pa, overrides, failed)
     parts = ep.reward_parts()
     if not ep.success or parts["format"] < 1.0 or (pa and parts["awareness"] < 1.0):
         return None, f"replay: success={ep.success} parts={parts} reasons={[t['reason'] for t in ep.turns]}"
@@ -1410,7 +1420,7 @@ def known_values(summary):
     return [kv.split("=", 1)[1] for kv in part.split("; ") if "=" in kv]
 
 
-def teacher_rewrite(lines, pa, generate):
+def teacher_rewrite(lines, pa, generate, failed=False):
     """Stage 5b: the teacher rewrites every summary. A rewrite is used only if it keeps every fact value of the
     programmatic summary and the line still replays with full awareness; otherwise the exact note stays.
     -> (lines, summaries rewritten, summaries asked)."""
@@ -1432,7 +1442,7 @@ def teacher_rewrite(lines, pa, generate):
             by_line.setdefault(li, {})[(ti, si)] = r
     out, kept = [], 0
     for li, line in enumerate(lines):
-        new, _ = sft_line(line, pa, by_line.get(li)) if li in by_line else (None, "")
+        new, _ = sft_line(line, pa, by_line.get(li), failed) if li in by_line else (None, "")
         kept += len(by_line[li]) if new else 0
         out.append(dict(new, split=line["split"], id=line["id"]) if new else line)
     return out, kept, len(asks)
@@ -1581,7 +1591,7 @@ def augment(lines, rng, args):
             else:
                 task = {k: v for k, v in line.items() if k not in ("messages", "tools")}
                 task = paraphrase(task, rng) if kind == "paraphrase" else mask_words(task, rng, args.mask_words)
-                new = task and sft_line(task, args.pa == "programmatic")[0]
+                new = task and sft_line(task, args.pa == "programmatic", failed=args.failed_summaries)[0]
             changed = new and (kind == "schema" or [t["user"] for t in new["turns"]] != [t["user"] for t in line["turns"]])
             if changed:
                 out.append(dict(new, id=f"{line['id']}-{kind}", tags=dict(new["tags"], augment=kind)))
@@ -1729,6 +1739,8 @@ def check_args(args):
         raise SystemExit("--num-episodes must be >= 1, --num-rl and --distractor-tools >= 0")
     if not 1 <= args.max_turns < args.long_turns or args.long_turns > 8 or args.max_turns < 2:
         raise SystemExit("need 2 <= --max-turns < --long-turns <= 8")
+    if args.failed_summaries and args.pa == "none":
+        raise SystemExit("--failed-summaries needs summaries: drop it or use --pa programmatic")
     if (args.verify_with or args.teacher) and args.pa == "none":
         raise SystemExit("--verify-with and --teacher work on summaries: they need --pa programmatic")
     for flag in ("teacher", "verify_with"):
@@ -1779,7 +1791,7 @@ def main(argv=None):
         lines = []
         for i, task in enumerate(ts):
             task = dict(task, id=task.get("id") if args.source == "bfcl" else f"{name}-{i:05d}", split=name)
-            line, why = sft_line(task, pa)
+            line, why = sft_line(task, pa, failed=args.failed_summaries)
             if line is None:
                 dropped.append({"id": task["id"], "reason": why})
                 continue
@@ -1789,7 +1801,7 @@ def main(argv=None):
     if args.teacher:
         gen = model_generator(args.teacher, args.device, args.teacher_max_new_tokens, args.verify_max_len, args.batch_size)
         for name in ("train", "val", "test"):
-            splits[name], kept, tried = teacher_rewrite(splits[name], pa, gen)
+            splits[name], kept, tried = teacher_rewrite(splits[name], pa, gen, args.failed_summaries)
             print(f"teacher: {name}: {kept}/{tried} summaries rewritten (the rest keep the programmatic notes)")
     summary = {}
     if args.verify_with:

@@ -1808,7 +1808,7 @@ class Episode:
         if self.context_mode == "summary" and i > 0:
             content = carry_text(self.last_summary, self.last_plan, content)
         self.turns.append({"user": content, "type": spec.get("type", "normal"), "calls": [], "results": [],
-                           "executed": [], "step_calls": [], "steps": 0, "format_ok": [], "passed": None,
+                           "errors": [], "executed": [], "step_calls": [], "steps": 0, "format_ok": [], "passed": None,
                            "reason": "", "state_changing": 0, "gt_results": []})
         return {"role": "user", "content": content}
 
@@ -1867,6 +1867,7 @@ class Episode:
         err = validate_call(call, self.known, None if bfcl else self.offered, self.max_arg_chars, not bfcl)
         rec["calls"].append(call)
         rec["executed"].append(err is None)
+        rec["errors"].append(err)  # the call's error text, or None; set again below for an error the env returns
         if err is not None:
             rec["results"].append(json.dumps({"error": err}))
             if self.protocol == "python":
@@ -1876,6 +1877,8 @@ class Episode:
         raw = env._call(call["name"], copy.deepcopy(call["arguments"]))  # envs may keep (and mutate) arguments
         text = env._result_text(raw)
         rec["results"].append(text)
+        if isinstance(raw, dict) and "error" in raw:
+            rec["errors"][-1] = str(raw["error"])
         rec["step_calls"][-1].append(call)
         self.model_results.append(text)
         if not (is_read_only(call["name"]) or (isinstance(raw, dict) and "error" in raw)) and "bfcl" not in self.task:

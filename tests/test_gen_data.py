@@ -160,6 +160,43 @@ def test_variant_shapes(data):
     assert seen == set(tools.TURN_TYPES)
 
 
+def test_failed_summaries(data):
+    """--failed-summaries: after a call returns an error its summary says Failed (with the error), not Done, until
+    the function is called again and succeeds; episodes without an error are unchanged."""
+    splits, _ = data
+    changed = 0
+    for line in splits["train"] + splits["val"] + splits["test"]:
+        if "schema_renames" in line["tags"]:
+            continue
+        task = {k: v for k, v in line.items() if k not in ("messages", "tools")}
+        new, why = G.sft_line(task, True, failed=True)
+        assert new is not None, why  # still replays with full reward and awareness
+        has_error = any(m["role"] == "tool" and '"error"' in m["content"] for m in line["messages"])
+        assert (new["messages"] != line["messages"]) == has_error, line["id"]
+        changed += has_error
+        failing = {}  # function -> its latest error, within the turn
+        for m in new["messages"]:
+            if m["role"] == "user":
+                failing = {}
+            elif m["role"] == "tool":
+                body = json.loads(m["content"])  # a call the tool world rejects, or one its function fails
+                err = body.get("error") or (body["result"].get("error") if isinstance(body["result"], dict) else None)
+                failing.pop(body["name"], None)
+                failing.update({body["name"]: err} if err else {})
+            elif m["role"] == "assistant" and "<summary>Pending" not in m["content"]:
+                summary = tools.parse_message(m["content"]).summary
+                done = re.search(r"Done: ([^.]*)\.", summary)
+                for name, err in failing.items():
+                    assert f"{name} ({err})" in summary.split("Failed: ")[1], (line["id"], summary)
+                    assert not done or name not in done.group(1).split(", "), (line["id"], summary)
+                assert ("Failed: " in summary) == bool(failing), (line["id"], summary)
+    assert changed >= 5
+    ep = tools.Episode(splits["train"][0], pa=True)  # the per-call error record, for an invalid call too
+    ep.reset()
+    ep.step('<summary>New request.</summary><plan>Next: x.</plan><tool_call>{"name": "nope", "arguments": {}}</tool_call>')
+    assert ep.turns[0]["errors"] == ["unknown function 'nope'"], ep.turns[0]["errors"]
+
+
 def turn_messages(line, i):
     """The messages of user turn i, starting with its user message."""
     starts = [k for k, m in enumerate(line["messages"]) if m["role"] == "user"] + [len(line["messages"])]
@@ -305,7 +342,8 @@ def run_cli(*args, cwd=ROOT):
 @pytest.mark.parametrize("args, msg", [(["--val-frac", "2"], "--val-frac"), (["--max-turns", "9"], "--max-turns"),
                                        (["--held-out-pairs", "nope+ls"], "--held-out-pairs"),
                                        (["--verify-with", "/nonexistent/ckpt"], "no such checkpoint"),
-                                       (["--pa", "none", "--teacher", "."], "need --pa programmatic")])
+                                       (["--pa", "none", "--teacher", "."], "need --pa programmatic"),
+                                       (["--pa", "none", "--failed-summaries"], "--failed-summaries needs summaries")])
 def test_bad_args_fail_clearly_and_write_nothing(tmp_path, args, msg):
     out = tmp_path / "out"
     p = run_cli(*args, "--out-dir", str(out), "--num-episodes", "20")
