@@ -1333,9 +1333,11 @@ def progress(ep, task, ti, si, failed=False):
     failed: a function whose latest call this turn returned an error is listed as failed, with the error."""
     t = task["turns"][ti]
     done = list(dict.fromkeys(c["name"] for s in t["gt"][:si] for c in s))
-    rec = ep.turns[ti]  # this turn's calls so far; the latest call of a function decides whether it failed
-    errors = {n: e for n, e in {c["name"]: e for c, e in zip(rec["calls"], rec["errors"])}.items() if e and failed}
-    done = [n for n in done if n not in errors]
+    errors = {}
+    if failed:  # this turn's calls so far: the latest call of a function decides whether it failed
+        latest = {c["name"]: e for c, e in zip(ep.turns[ti]["calls"], ep.turns[ti]["errors"])}
+        errors = {n: e for n, e in latest.items() if e}
+        done = [n for n in done if n not in errors]
     facts = needed_facts(ep, task, ti, si)
     if si < len(t["gt"]):
         want, names = ep.progress_targets()

@@ -1877,11 +1877,12 @@ class Episode:
         raw = env._call(call["name"], copy.deepcopy(call["arguments"]))  # envs may keep (and mutate) arguments
         text = env._result_text(raw)
         rec["results"].append(text)
-        if isinstance(raw, dict) and "error" in raw:
+        env_failed = isinstance(raw, dict) and "error" in raw
+        if env_failed:
             rec["errors"][-1] = str(raw["error"])
         rec["step_calls"][-1].append(call)
         self.model_results.append(text)
-        if not (is_read_only(call["name"]) or (isinstance(raw, dict) and "error" in raw)) and "bfcl" not in self.task:
+        if not (is_read_only(call["name"]) or env_failed) and "bfcl" not in self.task:
             rec["state_changing"] += 1
         if self.protocol == "python":  # BFCL's prompt mode feeds back the bare result string, uncapped
             return {"role": "tool", "content": text}
