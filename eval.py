@@ -6,6 +6,7 @@ eval.py: how a checkpoint is judged, on our synthetic multi-turn tasks and on BF
     python eval.py --policy oracle                     # control: replays the ground truth, must give 100%
     python eval.py --bench bfcl --bfcl-prompt official --max-len 32768   # BFCL multi-turn with the leaderboard prompt
     torchrun --standalone --nproc_per_node=2 eval.py   # sharded by task; gathered results equal one process's
+    python eval.py --compare A.json B.json             # two models on the same tasks: paired success, sign test
 
 Every task runs through tools.Episode: a policy writes assistant messages, the Episode executes the calls and
 checks every user turn (BFCL semantics: state check + response check). The policy is the model, through
@@ -18,6 +19,8 @@ Metrics (per episode, then averaged; overall, per turn type and per horizon = nu
     precision   calls matching a ground-truth call of the same turn (as a multiset of name + arguments) / calls made
     recall      the same matches / ground-truth calls
     redundant   repeated identical calls in a turn beyond their count in the ground truth (min 1), per task
+    after_error assistant messages right after a tool error (a failed call, an unknown function, a broken
+                <tool_call>); stops_after_error: those that end the turn instead of calling again (both counts)
     steps       assistant messages per task;  tokens: sampled tokens per task;  peak ctx: longest context (tokens)
     awareness   mean tools.awareness_score of the messages that call tools: key facts in <summary>, remaining
                 functions in <plan> (pa on only)
@@ -29,6 +32,7 @@ system prompt with its function docs and Python-list calls; `ours` is our tool p
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import time
@@ -79,6 +83,9 @@ parser.add_argument("--transcripts", action="store_true", help="keep each episod
                     "results JSON, to read what the model wrote (summary mode: the context since the last reset)")
 parser.add_argument("--out-file", default="", help="results JSON; empty = out/eval/<bench>-<model>-<setting>.json")
 # runtime
+parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
+                    help="run nothing: print two results files' rows and their task success paired by episode, with a "
+                         "two-sided sign test (the files must hold the same tasks and samples)")
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 parser.add_argument("--seed", type=int, default=0, help="sampling seed (each episode draws from its own generator, "
                     "seeded by seed, task index and sample number)")
@@ -156,6 +163,8 @@ def episode_record(task, index, sample, out, transcript=False):
          "slice": task.get("tags", {}).get("slice", "bfcl" if "bfcl" in task else "-"), "turns": turns,
          "success": ep.success and not overflow, "overflow": overflow, "forced": ep.forced,
          "steps": len(ep.assistant), "format_ok": sum(a["format_ok"] for a in ep.assistant),
+         "after_error": sum(a["after_error"] for a in ep.assistant),
+         "stops_after_error": sum(a["after_error"] and a["ends_turn"] for a in ep.assistant),
          "awareness": [a["awareness"] for a in ep.assistant if a["awareness"] is not None] if ep.pa else [],
          "gen_tokens": out["gen_tokens"], "peak_ctx": max((len(s["ids"]) for s in out["segments"]), default=0)}
     if "bfcl" in task:  # the official checker; an overflowed entry fails however far it got
@@ -186,7 +195,9 @@ def summarize(records):
          "peak_ctx": sum(r["peak_ctx"] for r in records) / n, "max_ctx": max((r["peak_ctx"] for r in records), default=0),
          "awareness": sum(aw) / len(aw) if aw else None,
          "format": sum(r["format_ok"] for r in records) / msgs if msgs else None,
-         "overflow": sum(r["overflow"] for r in records), "forced": sum(r["forced"] for r in records)}
+         "overflow": sum(r["overflow"] for r in records), "forced": sum(r["forced"] for r in records),
+         "after_error": sum(r["after_error"] for r in records),
+         "stops_after_error": sum(r["stops_after_error"] for r in records)}
 
 
 def breakdown(records):
@@ -249,6 +260,39 @@ def markdown(results):
     return "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n| " + " | ".join(row) + " |"
 
 
+def sign_test(a, b):
+    """Two-sided exact sign test: the chance that a + b discordant pairs split at least as unevenly as a : b
+    if either model were equally likely to be the one that solves."""
+    n = a + b
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(a, b) + 1)) / 2 ** n) if n else 1.0
+
+
+def compare(path_a, path_b):
+    """Two results files of the same episodes -> their table rows, stops after a tool error, and success paired
+    by (task, sample): the comparison the README's tables make between two models on the same tasks."""
+    res = []
+    for p in (path_a, path_b):
+        try:
+            with open(p) as f:
+                res.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--compare: cannot read {p}: {e}")
+    a, b = ({(r["id"], r["sample"]): r["success"] for r in x["records"]} for x in res)
+    if set(a) != set(b):
+        raise SystemExit(f"--compare: the files hold different episodes ({len(set(a) ^ set(b))} not in both); "
+                         "evaluate both on the same --data, --limit and --samples")
+    both, only_a, only_b = (sum(a[k] and b[k] for k in a), sum(a[k] and not b[k] for k in a),
+                            sum(b[k] and not a[k] for k in a))
+    lines = [markdown(res[0]), markdown(res[1]).split("\n")[-1]]
+    for p, x in zip((path_a, path_b), res):
+        s = x["summary"]
+        if "after_error" in s:   # results files written before this count was kept lack it
+            lines.append(f"{p}: {s['stops_after_error']} of {s['after_error']} messages after a tool error end the turn")
+    lines.append(f"paired over {len(a)} episodes: solved by both {both}, only by A {only_a}, only by B {only_b}, "
+                 f"by neither {len(a) - both - only_a - only_b}; two-sided sign test p = {sign_test(only_a, only_b):.3f}")
+    return "\n".join(lines)
+
+
 def commit_hash():
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
@@ -277,6 +321,9 @@ def resolve_ckpt(ckpt):
 
 
 def main(args):
+    if args.compare:
+        print(compare(*args.compare))
+        return
     ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = M.init_runtime(args.device, args.seed)
     master_process = ddp_rank == 0
     M.print0(json.dumps(vars(args)))
@@ -376,6 +423,8 @@ def main(args):
         for name, v in results["by_slice"].items():
             print(f"  slice {name}: success {fmt(v['success'], True):>5} | turns {fmt(v['turns'], True):>5} "
                   f"({v['episodes']} episodes)")
+        s = results["summary"]
+        print(f"  after a tool error: {s['stops_after_error']} of {s['after_error']} messages end the turn")
         print(markdown(results))
         print(f"wrote {out_file} ({time.time() - t0:.1f} s)")
     M.cleanup_runtime()

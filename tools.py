@@ -1809,7 +1809,7 @@ class Episode:
             content = carry_text(self.last_summary, self.last_plan, content)
         self.turns.append({"user": content, "type": spec.get("type", "normal"), "calls": [], "results": [],
                            "errors": [], "executed": [], "step_calls": [], "steps": 0, "format_ok": [], "passed": None,
-                           "reason": "", "state_changing": 0, "gt_results": []})
+                           "reason": "", "state_changing": 0, "gt_results": [], "step_failed": False})
         return {"role": "user", "content": content}
 
     def _docs(self, schemas, hint=True):
@@ -1895,23 +1895,27 @@ class Episode:
         call_errors = [e for e in parsed.errors if e.startswith("tool_call")]
         ok = format_ok(parsed, self.pa) if self.protocol == "tags" else not parsed.errors
         rec["format_ok"].append(ok)
-        info = {"turn": len(self.turns) - 1, "format_ok": ok, "calls": len(parsed.calls), "awareness": None}
+        # after_error: the message right after a step whose tool results held an error; ends_turn: a final reply
+        info = {"turn": len(self.turns) - 1, "format_ok": ok, "calls": len(parsed.calls), "awareness": None,
+                "after_error": rec["step_failed"], "ends_turn": not parsed.calls and not call_errors}
         self.assistant.append(info)
         self.turn_index.append(info["turn"])
         self.messages.append({"role": "assistant", "content": text if isinstance(text, str) else ""})
         self.last_summary, self.last_plan = carry_next(self.last_summary, self.last_plan, parsed)
-        if not parsed.calls and not call_errors:
+        if info["ends_turn"]:
             self._end_turn()
             return self._next_turn()
         info["awareness"] = awareness_score(parsed.summary, parsed.plan, *self.progress_targets())
         rec["steps"] += 1
         rec["step_calls"].append([])
         msgs = [tool_message("tool_call", error=e, max_tool_chars=self.max_tool_chars) for e in call_errors]
+        n_before = len(rec["errors"])
         for call in parsed.calls:
             if self.max_calls is not None and self.num_calls >= self.max_calls:
                 return self._force("call budget exhausted")
             self.num_calls += 1
             msgs.append(self._execute(call, rec))
+        rec["step_failed"] = bool(call_errors) or any(e is not None for e in rec["errors"][n_before:])
         if rec["steps"] > self.max_steps_per_turn:
             return self._force(f"more than {self.max_steps_per_turn} steps in one turn")
         self.messages += msgs

@@ -142,6 +142,59 @@ def test_metrics_on_a_hand_built_transcript():
     assert by_slice == {rec["slice"]: {"episodes": 2, "success": 0.5, "turns": 0.5}}
 
 
+def test_stops_after_a_tool_error_are_counted():
+    task = travel_task()
+    ep = tools.Episode(task, pa=False)
+    ep.reset()
+    search = c("search_flights", origin="SFO", destination="JFK", date="2025-05-01")
+    ep.step(tools.render_message(None, None, [search, c("nope")]))   # one of two calls fails
+    ep.step(tools.render_message(None, None, [search]))              # after the error: calls again, which succeeds
+    ep.step("Done.")                                                   # after a success: not counted
+    ep.step("<tool_call>{not json</tool_call>")                        # turn 1: a broken call is an error too
+    ep.step(tools.render_message(None, None, [c("book_flight", flight_id="FL9", passenger="Ann Lee")]))  # env error
+    ep.step("Sent.")                                                   # after the error: ends the turn
+    assert ep.done
+    assert [(a["after_error"], a["ends_turn"]) for a in ep.assistant] == \
+        [(False, False), (True, False), (False, True), (False, False), (True, False), (True, True)]
+    assert "error" in ep.messages[-2]["content"]   # FL9 does not exist: the env returned an error
+    rec = E.episode_record(task, 0, 0, {"episode": ep, "gen_tokens": 0, "segments": []})
+    assert (rec["after_error"], rec["stops_after_error"]) == (3, 1)
+    oracle = E.episode_record(task, 1, 0, E.run_policy([tools.Episode(task, pa=False)], "oracle")[0])
+    assert (oracle["after_error"], oracle["stops_after_error"]) == (0, 0)
+    s = E.summarize([rec, oracle])
+    assert (s["after_error"], s["stops_after_error"]) == (3, 1)
+
+
+def test_sign_test_matches_exact_binomial_values():
+    assert E.sign_test(0, 8) == pytest.approx(2 / 256) and E.sign_test(8, 0) == E.sign_test(0, 8)
+    assert E.sign_test(3, 3) == 1.0 and E.sign_test(0, 0) == 1.0 and E.sign_test(0, 1) == 1.0
+    assert E.sign_test(8, 1) == pytest.approx(2 * 10 / 512) and round(E.sign_test(14, 2), 3) == 0.004
+
+
+def test_compare_pairs_two_results_files(data, tmp_path, capsys):
+    def results(policy):
+        out = str(tmp_path / f"{policy}.json")
+        E.main(E.parser.parse_args(["--data", data, "--policy", policy, "--out-file", out, "--device", "cpu"]))
+        return out
+    oracle, empty = results("oracle"), results("empty")
+    capsys.readouterr()
+    E.main(E.parser.parse_args(["--compare", oracle, empty]))
+    text = capsys.readouterr().out
+    assert not any(r["success"] for r in json.load(open(empty))["records"])   # every task needs a call somewhere
+    assert "paired over 9 episodes: solved by both 0, only by A 9, only by B 0, by neither 0" in text
+    assert "p = 0.004" in text   # 2 / 2**9
+    assert text.count("| oracle |") == 1 and text.count("| empty |") == 1 and text.count("| model |") == 1
+    s = json.load(open(oracle))["summary"]
+    assert s["after_error"] == 1 and s["stops_after_error"] == 0   # the error_recovery task: it calls again
+    assert f"{oracle}: 0 of 1 messages after a tool error end the turn" in text
+    other = str(tmp_path / "other.json")
+    E.main(E.parser.parse_args(["--data", data, "--limit", "3", "--policy", "oracle", "--out-file", other, "--device", "cpu"]))
+    with pytest.raises(SystemExit, match="different episodes"):
+        E.compare(oracle, other)
+    with pytest.raises(SystemExit, match="cannot read"):
+        E.compare(oracle, str(tmp_path / "missing.json"))
+
+
 def test_limit_spreads_over_every_slice_of_the_file():
     tasks = [{"id": i, "tags": {"slice": "short" if i < 70 else "long"}} for i in range(100)]  # slices in a row
     sub = E.spread(tasks, 10)
@@ -160,7 +213,7 @@ def test_turn_stats_is_a_multiset_match():
 
 def test_pass_at_k_counts_tasks_solved_by_any_sample():
     recs = [{"index": i, "sample": s, "success": ok, "turns": [], "awareness": [], "steps": 1, "format_ok": 1,
-             "gen_tokens": 0, "peak_ctx": 0, "overflow": False, "forced": False}
+             "gen_tokens": 0, "peak_ctx": 0, "overflow": False, "forced": False, "after_error": 0, "stops_after_error": 0}
             for i, s, ok in [(0, 0, False), (0, 1, True), (1, 0, False), (1, 1, False)]]
     s = E.summarize(recs)
     assert s["pass@2"] == 0.5 and s["success"] == 0.25 and s["tasks"] == 2
