@@ -277,7 +277,10 @@ def compare(path_a, path_b):
                 res.append(json.load(f))
         except (OSError, ValueError) as e:
             raise SystemExit(f"--compare: cannot read {p}: {e}")
-    a, b = ({(r["id"], r["sample"]): r["success"] for r in x["records"]} for x in res)
+    try:
+        a, b = ({(r["id"], r["sample"]): r["success"] for r in x["records"]} for x in res)
+    except (KeyError, TypeError) as e:
+        raise SystemExit(f"--compare: not an eval.py results file (no {e} in its records)")
     if set(a) != set(b):
         raise SystemExit(f"--compare: the files hold different episodes ({len(set(a) ^ set(b))} not in both); "
                          "evaluate both on the same --data, --limit and --samples")

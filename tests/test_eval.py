@@ -193,6 +193,9 @@ def test_compare_pairs_two_results_files(data, tmp_path, capsys):
         E.compare(oracle, other)
     with pytest.raises(SystemExit, match="cannot read"):
         E.compare(oracle, str(tmp_path / "missing.json"))
+    (tmp_path / "other.json").write_text('{"records": [{"id": "x"}]}')
+    with pytest.raises(SystemExit, match="not an eval.py results file"):
+        E.compare(oracle, other)
 
 
 def test_limit_spreads_over_every_slice_of_the_file():
