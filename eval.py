@@ -284,15 +284,15 @@ def compare(path_a, path_b):
     if set(a) != set(b):
         raise SystemExit(f"--compare: the files hold different episodes ({len(set(a) ^ set(b))} not in both); "
                          "evaluate both on the same --data, --limit and --samples")
-    both, only_a, only_b = (sum(a[k] and b[k] for k in a), sum(a[k] and not b[k] for k in a),
-                            sum(b[k] and not a[k] for k in a))
+    pairs = Counter((bool(a[k]), bool(b[k])) for k in a)   # (solved by A, solved by B) -> episodes
+    both, only_a, only_b, neither = pairs[True, True], pairs[True, False], pairs[False, True], pairs[False, False]
     lines = [markdown(res[0]), markdown(res[1]).split("\n")[-1]]
     for p, x in zip((path_a, path_b), res):
         s = x["summary"]
         if "after_error" in s:   # results files written before this count was kept lack it
             lines.append(f"{p}: {s['stops_after_error']} of {s['after_error']} messages after a tool error end the turn")
     lines.append(f"paired over {len(a)} episodes: solved by both {both}, only by A {only_a}, only by B {only_b}, "
-                 f"by neither {len(a) - both - only_a - only_b}; two-sided sign test p = {sign_test(only_a, only_b):.3f}")
+                 f"by neither {neither}; two-sided sign test p = {sign_test(only_a, only_b):.3f}")
     return "\n".join(lines)
 
 
