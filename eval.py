@@ -81,7 +81,9 @@ parser.add_argument("--time-limit", type=float, default=0, help="start no new ba
 # output
 parser.add_argument("--transcripts", action="store_true", help="keep each episode's messages in its record of the "
                     "results JSON, to read what the model wrote (summary mode: the context since the last reset)")
-parser.add_argument("--out-file", default="", help="results JSON; empty = out/eval/<bench>-<model>-<setting>.json")
+parser.add_argument("--out-file", default="",
+                    help="results JSON; empty = out/eval/<bench>-<model>-<setting>.json, <bench> being the data "
+                         "file's name for synthetic tasks (test, val) so val and test evals do not overwrite each other")
 # runtime
 parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                     help="run nothing: print two results files' rows and their task success paired by episode, with a "
@@ -371,7 +373,8 @@ def main(args):
     batches = [mine[b::n_batches] for b in range(n_batches)] if args.time_limit > 0 else \
         [mine[b:b + args.batch_size] for b in range(0, len(mine), args.batch_size)]
     tag = "official" if args.bench == "bfcl" and args.bfcl_prompt == "official" else f"pa{args.pa}-{args.context_mode}"
-    out_file = args.out_file or os.path.join("out", "eval", f"{args.bench}-{model_name}-{tag}.json")
+    bench = os.path.splitext(os.path.basename(args.data))[0] if args.bench == "synthetic" else args.bench
+    out_file = args.out_file or os.path.join("out", "eval", f"{bench}-{model_name}-{tag}.json")
 
     def write(records, done):
         """The results JSON from these records, written atomically (a reader never sees half a file)."""

@@ -337,3 +337,13 @@ def test_time_limit_stops_between_batches_and_keeps_the_spread(data, tmp_path):
     assert [rec["index"] for rec in r["records"]] == [0, 3, 6]
     assert r["summary"]["episodes"] == 3 and r["episodes_planned"] == 9 and r["summary"]["success"] == 1
     assert r["complete"] is False and "(cut: 3 of 9 episodes)" in E.markdown(r)
+
+
+def test_default_out_file_names_the_data_file(data, tmp_path, monkeypatch):
+    val = tmp_path / "val.jsonl"
+    val.write_text(open(data).read())
+    monkeypatch.chdir(tmp_path)   # the default lands under ./out/eval
+    for path in (data, str(val)):
+        E.main(E.parser.parse_args(["--data", path, "--policy", "oracle", "--limit", "2", "--device", "cpu"]))
+    made = sorted(os.listdir(tmp_path / "out" / "eval"))
+    assert made == ["test-oracle-paon-full.json", "val-oracle-paon-full.json"], made   # val did not overwrite test
