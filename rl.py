@@ -232,10 +232,12 @@ def all_reduce(x, op=None):
 
 
 def write_curve(log_path, svg_path):
-    """Plot log.jsonl as an SVG (no plotting package needed): training reward per step, and the periodic greedy
-    eval's task success and turn pass rate. Written atomically, after every step."""
+    """Plot log.jsonl as an SVG (no plotting package needed): training reward and the share of rollout episodes
+    that succeed per step, and the periodic greedy eval's task success and turn pass rate. Written atomically,
+    after every step."""
     recs = [json.loads(line) for line in open(log_path)]
     series = {"reward (train)": ("#1f77b4", [(r["step"], r["reward"]) for r in recs if "reward" in r]),
+              "task success (train rollouts)": ("#ff7f0e", [(r["step"], r["success"]) for r in recs if "success" in r]),
               "task success (eval)": ("#d62728", [(r["step"], r["eval_success"]) for r in recs if "eval_success" in r]),
               "turn pass rate (eval)": ("#2ca02c", [(r["step"], r["eval_turns"]) for r in recs if "eval_turns" in r])}
     W, H, L, B = 640, 360, 50, 40   # size and left/bottom margins

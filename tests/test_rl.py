@@ -209,11 +209,12 @@ def test_curve_svg_plots_the_log(tmp_path):
     import xml.etree.ElementTree as ET
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(json.dumps(r) for r in [{"step": 0, "eval_success": 0.0, "eval_turns": 0.1},
-                                                      {"step": 0, "reward": 0.2}, {"step": 1, "reward": 0.4},
+                                                      {"step": 0, "reward": 0.2, "success": 0.0},
+                                                      {"step": 1, "reward": 0.4, "success": 0.25},
                                                       {"step": 2, "eval_success": 0.5, "eval_turns": 0.6}]) + "\n")
     rl.write_curve(str(log), str(tmp_path / "curve.svg"))
     svg = ET.parse(tmp_path / "curve.svg").getroot()
     lines = [e.get("points").split() for e in svg.iter("{http://www.w3.org/2000/svg}polyline")]
-    assert [len(p) for p in lines] == [2, 2, 2]            # reward, success, turn rate: two points each
+    assert [len(p) for p in lines] == [2, 2, 2, 2]         # reward, rollout success, eval success, turn rate
     (x0, y0), (x1, y1) = (map(float, p.split(",")) for p in lines[0])
     assert x1 > x0 and y1 < y0                              # later step to the right, higher reward drawn higher
