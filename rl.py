@@ -255,11 +255,11 @@ def write_curve(log_path, svg_path):
         out.append(f'<text x="{L - 5}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
     for x in sorted({round(xmax * i / 4) for i in range(5)}):   # whole steps only
         out.append(f'<text x="{px(x):.1f}" y="{H - B + 15}" text-anchor="middle">{x}</text>')
-    for k, (name, (color, pts)) in enumerate(series.items()):
-        if pts:
-            path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-            out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
-            out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts]
+    drawn = [(name, color, pts) for name, (color, pts) in series.items() if pts]   # no eval series at --eval-every 0
+    for k, (name, color, pts) in enumerate(drawn):
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts]
         out.append(f'<text x="{L + 10}" y="{35 + 16 * k}" fill="{color}">{name}</text>')
     tmp = svg_path + ".tmp"
     with open(tmp, "w") as f:

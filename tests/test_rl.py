@@ -218,3 +218,7 @@ def test_curve_svg_plots_the_log(tmp_path):
     assert [len(p) for p in lines] == [2, 2, 2, 2]         # reward, rollout success, eval success, turn rate
     (x0, y0), (x1, y1) = (map(float, p.split(",")) for p in lines[0])
     assert x1 > x0 and y1 < y0                              # later step to the right, higher reward drawn higher
+    (log := tmp_path / "train_only.jsonl").write_text(json.dumps({"step": 0, "reward": 0.2, "success": 0.0}) + "\n")
+    rl.write_curve(str(log), str(tmp_path / "curve.svg"))
+    legend = [e.text for e in ET.parse(tmp_path / "curve.svg").getroot().iter("{http://www.w3.org/2000/svg}text")]
+    assert "reward (train)" in legend and "task success (eval)" not in legend   # no legend entry without a line
