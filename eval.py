@@ -342,11 +342,12 @@ def main(args):
         if unknown:
             raise SystemExit(f"--categories: unknown {sorted(unknown)}; choose from {tools.BFCL_CATEGORIES}")
         tasks = [t for c in categories for t in tools.bfcl_tasks(c, args.limit or None)]
-        official = args.bfcl_prompt == "official"
+        official, data_name = args.bfcl_prompt == "official", "bfcl"
         setting = "BFCL multi-turn, prompt official" if official else \
             f"BFCL multi-turn, prompt ours (pa {args.pa}, {args.context_mode} context)"
     else:
         tasks = spread(tools.read_tasks(args.data), args.limit)
+        data_name = os.path.splitext(os.path.basename(args.data))[0]   # val, test: names the default results file
         setting = f"synthetic {os.path.basename(args.data)}, pa {args.pa}, {args.context_mode} context"
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
     if args.samples > 1 and temperature <= 0:
@@ -373,8 +374,7 @@ def main(args):
     batches = [mine[b::n_batches] for b in range(n_batches)] if args.time_limit > 0 else \
         [mine[b:b + args.batch_size] for b in range(0, len(mine), args.batch_size)]
     tag = "official" if args.bench == "bfcl" and args.bfcl_prompt == "official" else f"pa{args.pa}-{args.context_mode}"
-    bench = os.path.splitext(os.path.basename(args.data))[0] if args.bench == "synthetic" else args.bench
-    out_file = args.out_file or os.path.join("out", "eval", f"{bench}-{model_name}-{tag}.json")
+    out_file = args.out_file or os.path.join("out", "eval", f"{data_name}-{model_name}-{tag}.json")
 
     def write(records, done):
         """The results JSON from these records, written atomically (a reader never sees half a file)."""
