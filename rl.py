@@ -111,6 +111,18 @@ def group_advantages(rewards, normalise):
     return adv.masked_fill(flat, 0.0)
 
 
+def shaping_only(rewards, parts, group_size):
+    """Per group: True if its rewards differ but every episode has the same task success and turn pass rate,
+    so its advantages come only from the shaping terms (format, efficiency, awareness). GRPO's std division
+    scales them to order 1 however small the gap, so there a shaping term steers as hard as success would."""
+    out = []
+    for g in range(len(rewards) // group_size):
+        p = parts[g * group_size:(g + 1) * group_size]
+        r = rewards[g * group_size:(g + 1) * group_size]
+        out.append(bool(r.max() > r.min()) and len({(q["success"], q["turns"]) for q in p}) == 1)
+    return out
+
+
 def turn_advantages(turn_rewards, group_size):
     """MT-GRPO's turn level: turn_rewards, a list (one per episode) of per-turn rewards; episodes of a group
     are normalised turn index by turn index among those that reached it. -> list of per-turn advantages."""
@@ -407,21 +419,23 @@ def main(args):
         vec = torch.tensor([float(rewards.sum()), len(results)] + [sum(p[k] for p in parts) for k in keys] +
                            [sum(len(r["episode"].turns) for r in results), sum(r["episode"].num_calls for r in results),
                             sum(r["gen_tokens"] for r in results), sum(r["injected_tokens"] for r in results),
-                            sum(r["truncated"] for r in results), zero_var, groups_seen] +
+                            sum(r["truncated"] for r in results), zero_var, groups_seen,
+                            sum(shaping_only(rewards.flatten(), parts, G)), len(rewards)] +
                            [stats.get(k, 0.0) for k in ("entropy", "clipfrac", "kl_old", "kl", "tokens")], dtype=torch.float64)
         vec = all_reduce(vec)
         n = vec[1]
         rec = {"step": step, "reward": vec[0] / n, **{k: vec[2 + i] / n for i, k in enumerate(keys)},
                "turns_per_ep": vec[7] / n, "calls_per_ep": vec[8] / n, "gen_tokens": vec[9], "inj_tokens": vec[10],
                "truncated": vec[11] / n, "zero_var_frac": vec[12] / max(1, vec[13]),
-               "entropy": vec[14] / max(1, vec[18]), "clipfrac": vec[15] / max(1, vec[18]),
-               "kl_old": vec[16] / max(1, vec[18]), "kl": vec[17] / max(1, vec[18]), "lr": lr, "grad_norm": float(gnorm),
+               "shaping_frac": vec[14] / max(1, vec[15]),
+               "entropy": vec[16] / max(1, vec[20]), "clipfrac": vec[17] / max(1, vec[20]),
+               "kl_old": vec[18] / max(1, vec[20]), "kl": vec[19] / max(1, vec[20]), "lr": lr, "grad_norm": float(gnorm),
                "rollout_s": t_rollout, "train_s": t_train}
         rec = {k: (int(v) if k == "step" else float(v)) for k, v in rec.items()}
         M.print0(f"step {step:4d}/{args.num_steps} | reward {rec['reward']:.3f} (fmt {rec['format']:.2f} turns {rec['turns']:.2f} "
                  f"succ {rec['success']:.2f} eff {rec['efficiency']:.2f} aw {rec['awareness']:.2f}) | turns {rec['turns_per_ep']:.1f} "
                  f"calls {rec['calls_per_ep']:.1f} | gen {int(rec['gen_tokens'])} inj {int(rec['inj_tokens'])} tok | "
-                 f"zero-var {rec['zero_var_frac']:.2f} | kl {rec['kl']:.4f} ent {rec['entropy']:.2f} clip {rec['clipfrac']:.3f} | "
+                 f"zero-var {rec['zero_var_frac']:.2f} shaping-only {rec['shaping_frac']:.2f} | kl {rec['kl']:.4f} ent {rec['entropy']:.2f} clip {rec['clipfrac']:.3f} | "
                  f"lr {lr:.2e} | rollout {t_rollout:.1f}s train {t_train:.1f}s")
         if master_process:
             with open(log_path, "a") as f:

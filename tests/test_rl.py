@@ -54,6 +54,18 @@ def test_group_advantages_by_hand():
     assert torch.allclose(d[3], torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64))
 
 
+def test_shaping_only_groups():
+    # group 0: same success and turns, rewards differ by an efficiency term -> shaping only
+    # group 1: success differs -> not; group 2: all rewards equal -> not (no signal at all)
+    part = lambda s, t: {"format": 1.0, "turns": t, "success": s, "efficiency": 1.0, "awareness": 0.5}
+    parts = [part(0.0, 0.5), part(0.0, 0.5), part(1.0, 1.0), part(0.0, 0.5), part(0.0, 0.0), part(0.0, 0.0)]
+    rewards = torch.tensor([0.40, 0.41, 1.70, 0.40, 0.15, 0.15], dtype=torch.float64)
+    assert rl.shaping_only(rewards, parts, group_size=2) == [True, False, False]
+    # and GRPO does blow that 0.01 gap up to advantages about 1.4 apart
+    a = rl.group_advantages(rewards.view(3, 2), normalise=True)[0]
+    assert (a[1] - a[0]).item() > 1.0
+
+
 def test_turn_advantages_by_hand():
     # group of 3: episode 0 passed both turns, 1 passed the first only, 2 reached one turn and failed it
     adv = rl.turn_advantages([[1.0, 1.0], [1.0, 0.0], [0.0]], group_size=3)
@@ -203,6 +215,7 @@ def test_reward_rises_on_a_learnable_toy(setup):
     early = sum(r["reward"] for r in log[:3]) / 3
     late = sum(r["reward"] for r in log[-3:]) / 3
     assert late > early + 0.1, (early, late)   # seen: 0.003 -> 0.46 (it starts to rise at about step 5)
+    assert all(0.0 <= r["shaping_frac"] <= 1.0 for r in log) and "shaping-only" in p.stdout
 
 
 def test_curve_svg_plots_the_log(tmp_path):
