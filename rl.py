@@ -111,16 +111,14 @@ def group_advantages(rewards, normalise):
     return adv.masked_fill(flat, 0.0)
 
 
-def shaping_only(rewards, parts, group_size):
-    """Per group: True if its rewards differ but every episode has the same task success and turn pass rate,
-    so its advantages come only from the shaping terms (format, efficiency, awareness). GRPO's std division
-    scales them to order 1 however small the gap, so there a shaping term steers as hard as success would."""
-    out = []
-    for g in range(len(rewards) // group_size):
-        p = parts[g * group_size:(g + 1) * group_size]
-        r = rewards[g * group_size:(g + 1) * group_size]
-        out.append(bool(r.max() > r.min()) and len({(q["success"], q["turns"]) for q in p}) == 1)
-    return out
+def shaping_only(rewards, parts):
+    """rewards (n_groups, G), parts one dict per episode -> per group: True if its rewards differ but every
+    episode has the same task success and turn pass rate, so its advantages come only from the shaping terms
+    (format, efficiency, awareness). GRPO's std division scales them to order 1 however small the gap, so
+    there a shaping term steers as hard as success would."""
+    G = rewards.shape[1]
+    return [bool(r.max() > r.min()) and len({(q["success"], q["turns"]) for q in parts[g * G:(g + 1) * G]}) == 1
+            for g, r in enumerate(rewards)]
 
 
 def turn_advantages(turn_rewards, group_size):
@@ -420,7 +418,7 @@ def main(args):
                            [sum(len(r["episode"].turns) for r in results), sum(r["episode"].num_calls for r in results),
                             sum(r["gen_tokens"] for r in results), sum(r["injected_tokens"] for r in results),
                             sum(r["truncated"] for r in results), zero_var, groups_seen,
-                            sum(shaping_only(rewards.flatten(), parts, G)), len(rewards)] +
+                            sum(shaping_only(rewards, parts)), len(rewards)] +
                            [stats.get(k, 0.0) for k in ("entropy", "clipfrac", "kl_old", "kl", "tokens")], dtype=torch.float64)
         vec = all_reduce(vec)
         n = vec[1]
