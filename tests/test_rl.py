@@ -64,6 +64,9 @@ def test_shaping_only_groups():
     # and GRPO does blow that 0.01 gap up to advantages about 1.4 apart
     a = rl.group_advantages(rewards.view(3, 2), normalise=True)[0]
     assert (a[1] - a[0]).item() > 1.0
+    # only group 1's episodes differ in task success
+    assert rl.success_split(parts, 2) == [False, True, False]
+    assert rl.success_split(parts, 3) == [True, False]
 
 
 def test_turn_advantages_by_hand():
@@ -216,6 +219,7 @@ def test_reward_rises_on_a_learnable_toy(setup):
     late = sum(r["reward"] for r in log[-3:]) / 3
     assert late > early + 0.1, (early, late)   # seen: 0.003 -> 0.46 (it starts to rise at about step 5)
     assert all(0.0 <= r["shaping_frac"] <= 1.0 for r in log) and "shaping-only" in p.stdout
+    assert all(0.0 <= r["success_frac"] <= 1.0 for r in log) and "success-split" in p.stdout
 
 
 def test_curve_svg_plots_the_log(tmp_path):
