@@ -416,7 +416,8 @@ def main(args):
                     for k, v in st.items():
                         stats[k] = stats.get(k, 0.0) + float(v)
             gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-            optimizer.step()
+            if gnorm > 0:   # every group tied: no signal, and AdamW's momentum alone would still move the weights
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         t_train = time.time() - t1
 

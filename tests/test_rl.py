@@ -155,7 +155,7 @@ def test_sampler_logprobs_equal_trainer_logprobs_on_rollouts(setup):
     assert float(st["clipfrac"]) == 0
 
 
-def run_toy(setup, out, steps, nproc=1, crash=-1, resume=False, extra=()):
+def run_toy(setup, out, steps, nproc=1, crash=-1, resume=False, extra=(), target=5):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
            else [sys.executable]) + [os.path.join(ROOT, "tests", "rl_toy.py"),
                                      f"--init-from={setup / 'ckpt'}", f"--tasks={setup / 'tasks.jsonl'}",
@@ -163,7 +163,7 @@ def run_toy(setup, out, steps, nproc=1, crash=-1, resume=False, extra=()):
                                      "--prompts-per-step=4", "--group-size=4", "--max-new-tokens=8", "--max-len=2048",
                                      "--eval-every=0", "--device-batch-size=3", "--lr=3e-3", "--warmup-steps=1",
                                      "--save-every=1", "--pa=off", "--device=cpu", "--overlong=penalty", *extra] + (["--resume"] if resume else [])
-    env = {**os.environ, "TOY_CRASH_AT": str(crash), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TOY_CRASH_AT": str(crash), "TOY_TARGET": str(target), "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     return p
 
@@ -201,6 +201,22 @@ def test_resume_equals_uninterrupted(setup):
     pa, pc = params(setup / "full"), params(setup / "cut")
     for k in pa:
         assert torch.equal(pa[k], pc[k]), k
+
+
+def test_step_with_every_group_tied_leaves_the_weights(setup):
+    """A step whose groups all tie has no learning signal (zero advantages, zero gradient); AdamW's momentum from the
+    step before must not move the weights on it. Step 0 learns; step 1 rewards no token (target -1), so every group ties."""
+    a = run_toy(setup, setup / "tied", 1)
+    assert a.returncode == 0, why(a)
+    before = params(setup / "tied")
+    assert any(not torch.equal(before[k], v) for k, v in load_file(str(setup / "ckpt" / "model.safetensors")).items())
+    b = run_toy(setup, setup / "tied", 2, resume=True, target=-1)
+    assert b.returncode == 0 and "resumed from" in b.stdout, why(b)
+    log = [json.loads(line) for line in open(setup / "tied" / "log.jsonl") if '"reward"' in line]
+    assert log[-1]["step"] == 1 and log[-1]["zero_var_frac"] == 1.0 and log[-1]["grad_norm"] == 0.0
+    after = params(setup / "tied")
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
 
 
 def test_time_limit_saves_and_stops_after_one_step(setup):
