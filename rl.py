@@ -16,7 +16,8 @@ task success, efficiency, awareness). Advantages are group-relative:
            separately in the group; a turn's tokens get outcome advantage + turn_coef x turn advantage.
 The loss is PPO's clipped surrogate with separate low/high clip ranges (DAPO's clip-higher), summed over
 every sampled token of the step and divided once by the step's token count (DAPO's token-level
-normalisation: the gradient does not depend on device_batch_size or the number of ranks). The old
+normalisation: the gradient does not depend on device_batch_size or the number of ranks; sequences of
+tied groups, whose advantage is 0, skip their passes at --kl-coef 0). The old
 log-probs are the sampler's (tests prove they equal the trainer's). Kept optional: a k3 KL penalty to
 the frozen initial model (--kl-coef, default 0 as in DAPO; no reference model is loaded at 0), dynamic
 sampling (drop groups whose rewards are all equal and sample more tasks), PPO epochs. Dropped: a value
@@ -190,6 +191,13 @@ def build_sequences(results, adv, tok_adv_turn, args):
             if sum(mask):
                 seqs.append({"ids": seg["ids"], "mask": mask, "logp": seg["logp"], "adv": a})
     return seqs
+
+
+def with_signal(seqs):
+    """The sequences with a nonzero advantage on some sampled token. Without a KL term the others (every sequence of a
+    tied group) have a zero loss and a zero gradient, so training skips their forward and backward passes; the step's
+    normaliser still counts their tokens, so the update is the same. About half the groups tie in our CPU runs."""
+    return [s for s in seqs if any(a != 0 for a, m in zip(s["adv"], s["mask"]) if m)]
 
 
 def collate(seqs, pad_id, device):
@@ -395,6 +403,9 @@ def main(args):
         n_eps = all_reduce(torch.tensor([float(len(results))]))[0]
         norm = n_eps * args.max_new_tokens if args.adv == "dr_grpo" else n_tok
         norm = max(float(norm), 1.0) / ddp_world_size   # DDP averages gradients over ranks; undo that
+        n_seqs = len(seqs)
+        if args.kl_coef == 0:   # a sequence with no nonzero advantage adds exactly 0 to the loss: skip its passes
+            seqs = with_signal(seqs)
         seqs.sort(key=lambda s: len(s["ids"]))          # similar lengths together: less padding
         micro = [seqs[i:i + args.device_batch_size] for i in range(0, len(seqs), args.device_batch_size)]
         n_micro = int(all_reduce(torch.tensor([float(len(micro))]), dist.ReduceOp.MAX if ddp else None)[0])
@@ -429,21 +440,22 @@ def main(args):
                             sum(r["truncated"] for r in results), zero_var, groups_seen,
                             sum(shaping_only(rewards, parts)), len(rewards)] +
                            [stats.get(k, 0.0) for k in ("entropy", "clipfrac", "kl_old", "kl", "tokens")] +
-                           [sum(success_split(parts, G))], dtype=torch.float64)
+                           [sum(success_split(parts, G)), len(seqs), n_seqs], dtype=torch.float64)
         vec = all_reduce(vec)
         n = vec[1]
         rec = {"step": step, "reward": vec[0] / n, **{k: vec[2 + i] / n for i, k in enumerate(keys)},
                "turns_per_ep": vec[7] / n, "calls_per_ep": vec[8] / n, "gen_tokens": vec[9], "inj_tokens": vec[10],
                "truncated": vec[11] / n, "zero_var_frac": vec[12] / max(1, vec[13]),
                "shaping_frac": vec[14] / max(1, vec[15]), "success_frac": vec[21] / max(1, vec[15]),
-               "entropy": vec[16] / max(1, vec[20]), "clipfrac": vec[17] / max(1, vec[20]),
+               "trained_frac": vec[22] / max(1, vec[23]),   # sequences that ran forward/backward (with_signal)
+               "entropy": vec[16] / max(1, vec[20]), "clipfrac": vec[17] / max(1, vec[20]),   # over trained tokens
                "kl_old": vec[18] / max(1, vec[20]), "kl": vec[19] / max(1, vec[20]), "lr": lr, "grad_norm": float(gnorm),
                "rollout_s": t_rollout, "train_s": t_train}
         rec = {k: (int(v) if k == "step" else float(v)) for k, v in rec.items()}
         M.print0(f"step {step:4d}/{args.num_steps} | reward {rec['reward']:.3f} (fmt {rec['format']:.2f} turns {rec['turns']:.2f} "
                  f"succ {rec['success']:.2f} eff {rec['efficiency']:.2f} aw {rec['awareness']:.2f}) | turns {rec['turns_per_ep']:.1f} "
                  f"calls {rec['calls_per_ep']:.1f} | gen {int(rec['gen_tokens'])} inj {int(rec['inj_tokens'])} tok | "
-                 f"zero-var {rec['zero_var_frac']:.2f} shaping-only {rec['shaping_frac']:.2f} success-split {rec['success_frac']:.2f} | kl {rec['kl']:.4f} ent {rec['entropy']:.2f} clip {rec['clipfrac']:.3f} | "
+                 f"zero-var {rec['zero_var_frac']:.2f} shaping-only {rec['shaping_frac']:.2f} success-split {rec['success_frac']:.2f} trained {rec['trained_frac']:.2f} | kl {rec['kl']:.4f} ent {rec['entropy']:.2f} clip {rec['clipfrac']:.3f} | "
                  f"lr {lr:.2e} | rollout {t_rollout:.1f}s train {t_train:.1f}s")
         if master_process:
             with open(log_path, "a") as f:

@@ -112,29 +112,54 @@ def test_loss_gradient_is_zero_on_masked_positions():
     assert (g[~target_mask] == 0).all() and (g[target_mask] > 0).all()
 
 
-def test_gradient_does_not_depend_on_micro_batch_size():
+def toy_seqs(lengths, seed=1):
     seqs = []
-    g = torch.Generator().manual_seed(1)
-    for n in (5, 9, 3, 7, 6):
+    g = torch.Generator().manual_seed(seed)
+    for n in lengths:
         m = [0] + [int(x) for x in (torch.rand(n - 1, generator=g) > 0.3)]
         seqs.append({"ids": torch.randint(0, 11, (n,), generator=g).tolist(), "mask": m,
                      "logp": [(-float(torch.rand((), generator=g)) if k else 0.0) for k in m],
                      "adv": [float(torch.randn((), generator=g)) if k else 0.0 for k in m]})
+    return seqs
+
+
+def logits_grad(seqs, rows, dbs, norm):
+    """Gradient of the step's loss on a table of logits; seqs[j] reads row rows[j], in micro-batches of dbs."""
+    m = LogitsModel(5, 9, 11)
+    torch.manual_seed(0)
+    m.logits.data = torch.randn(5, 9, 11)
+    for i in range(0, len(seqs), dbs):
+        mb = rl.collate(seqs[i:i + dbs], 0, "cpu")
+        sub = LogitsModel(1, 1, 1)   # each micro-batch must see the same rows of logits as in the full batch
+        sub.forward = lambda ids, logits_at, r=rows[i:i + dbs]: m.logits[r, :ids.shape[1]][logits_at]
+        loss, _ = rl.policy_loss(sub, mb, norm, args_for(kl_coef=0))
+        loss.backward()
+    return m.logits.grad.clone()
+
+
+def test_gradient_does_not_depend_on_micro_batch_size():
+    seqs = toy_seqs((5, 9, 3, 7, 6))
     norm = float(sum(sum(s["mask"]) for s in seqs))
-    grads = []
-    for dbs in (1, 2, 5):
-        m = LogitsModel(5, 9, 11)
-        torch.manual_seed(0)
-        m.logits.data = torch.randn(5, 9, 11)
-        for i in range(0, 5, dbs):
-            mb = rl.collate(seqs[i:i + dbs], 0, "cpu")
-            # each micro-batch must see the same rows of logits as in the full batch
-            sub = LogitsModel(1, 1, 1)
-            sub.forward = lambda ids, logits_at, i=i: m.logits[i:i + ids.shape[0], :ids.shape[1]][logits_at]
-            loss, _ = rl.policy_loss(sub, mb, norm, args_for(kl_coef=0))
-            loss.backward()
-        grads.append(m.logits.grad.clone())
+    grads = [logits_grad(seqs, list(range(5)), dbs, norm) for dbs in (1, 2, 5)]
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
+
+
+def test_skipping_tied_sequences_leaves_the_gradient():
+    """with_signal drops the sequences whose sampled tokens all have advantage 0 (a tied group's), and only those: a
+    sequence whose advantage is 0 on a sampled token but not elsewhere, or nonzero on one token only, is kept. The
+    gradient of the step (same normaliser) is the same with or without the dropped ones."""
+    seqs = toy_seqs((5, 9, 3, 7, 6))
+    seqs[1]["adv"] = [0.0] * 9                                        # a tied group's sequence
+    seqs[3]["adv"] = [0.0 if k else 5.0 for k in seqs[3]["mask"]]     # nonzero only where nothing is sampled
+    t = seqs[4]["mask"].index(1)
+    seqs[4]["adv"] = [0.0] * 6
+    seqs[4]["adv"][t] = 0.5                                           # one sampled token with a signal
+    norm = float(sum(sum(s["mask"]) for s in seqs))
+    kept = rl.with_signal(seqs)
+    assert [seqs.index(s) for s in kept] == [0, 2, 4]
+    full = logits_grad(seqs, list(range(5)), 2, norm)
+    part = logits_grad(kept, [0, 2, 4], 2, norm)
+    assert full[4].abs().sum() > 0 and torch.allclose(full, part, atol=1e-7)
 
 
 def test_sampler_logprobs_equal_trainer_logprobs_on_rollouts(setup):
@@ -214,6 +239,7 @@ def test_step_with_every_group_tied_leaves_the_weights(setup):
     assert b.returncode == 0 and "resumed from" in b.stdout, why(b)
     log = [json.loads(line) for line in open(setup / "tied" / "log.jsonl") if '"reward"' in line]
     assert log[-1]["step"] == 1 and log[-1]["zero_var_frac"] == 1.0 and log[-1]["grad_norm"] == 0.0
+    assert log[0]["trained_frac"] > 0 and log[-1]["trained_frac"] == 0.0   # tied: no forward/backward pass at all
     after = params(setup / "tied")
     for k in before:
         assert torch.equal(before[k], after[k]), k
