@@ -196,7 +196,7 @@ def build_sequences(results, adv, tok_adv_turn, args):
 def with_signal(seqs):
     """The sequences with a nonzero advantage on some sampled token. Without a KL term the others (every sequence of a
     tied group) have a zero loss and a zero gradient, so training skips their forward and backward passes; the step's
-    normaliser still counts their tokens, so the update is the same. About half the groups tie in our CPU runs."""
+    normaliser still counts their tokens, so the update is the same."""
     return [s for s in seqs if any(a != 0 for a, m in zip(s["adv"], s["mask"]) if m)]
 
 

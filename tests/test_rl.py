@@ -146,8 +146,8 @@ def test_gradient_does_not_depend_on_micro_batch_size():
 
 def test_skipping_tied_sequences_leaves_the_gradient():
     """with_signal drops the sequences whose sampled tokens all have advantage 0 (a tied group's), and only those: a
-    sequence whose advantage is 0 on a sampled token but not elsewhere, or nonzero on one token only, is kept. The
-    gradient of the step (same normaliser) is the same with or without the dropped ones."""
+    sequence with a nonzero advantage only where nothing is sampled is dropped, one with a single nonzero sampled
+    token is kept. The gradient of the step (same normaliser) is the same with or without the dropped ones."""
     seqs = toy_seqs((5, 9, 3, 7, 6))
     seqs[1]["adv"] = [0.0] * 9                                        # a tied group's sequence
     seqs[3]["adv"] = [0.0 if k else 5.0 for k in seqs[3]["mask"]]     # nonzero only where nothing is sampled
