@@ -1087,8 +1087,15 @@ def autocast(device):
 
 
 def cleanup_runtime():
+    """Ranks meet before the group goes away, so none tears it down while another still writes its checkpoint or logs.
+    They meet in the rendezvous store, not with dist.barrier(): a gloo worker thread frees a finished collective's
+    tensors after wait() has returned, and when that falls in interpreter shutdown it cannot take the GIL and the
+    process aborts ("terminate called without an active exception"; a core dump shows the barrier's work freed in
+    ProcessGroupGloo::runLoop). With no collective at the end, the last one's worker has rank 0's writes to finish."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()   # no rank tears the group down while another still writes its checkpoint or logs
+        store, rank = dist.distributed_c10d._get_default_store(), dist.get_rank()
+        store.set(f"exit/{rank}", "1")
+        store.wait([f"exit/{r}" for r in range(dist.get_world_size())])
         dist.destroy_process_group()
 
 
