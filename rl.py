@@ -20,7 +20,8 @@ normalisation: the gradient does not depend on device_batch_size or the number o
 tied groups, whose advantage is 0, skip their passes at --kl-coef 0). The old
 log-probs are the sampler's (tests prove they equal the trainer's). Kept optional: a k3 KL penalty to
 the frozen initial model (--kl-coef, default 0 as in DAPO; no reference model is loaded at 0), dynamic
-sampling (drop groups whose rewards are all equal and sample more tasks), PPO epochs. Dropped: a value
+sampling (drop groups whose rewards are all equal and sample more tasks), positive-only advantages
+(--positive-only: below-mean episodes get 0, not a push down), PPO epochs. Dropped: a value
 network (GRPO's point), and entropy bonuses. Episodes cut by a budget (context or message length) are
 masked out of the loss or get a soft penalty (--overlong). In summary context mode every user turn is
 its own context and so its own training sequence, carrying the episode's advantage (as in SUPO).
@@ -68,6 +69,8 @@ parser.add_argument("--w-awareness", type=float, default=0.1, help="reward weigh
 parser.add_argument("--overlong", choices=["mask", "penalty"], default="mask", help="episodes cut by a budget: drop from the loss, or subtract --overlong-penalty")
 parser.add_argument("--overlong-penalty", type=float, default=0.5, help="reward subtracted from a cut episode (with --overlong penalty)")
 parser.add_argument("--adv", choices=["grpo", "dr_grpo", "mt_grpo"], default="grpo", help="advantage estimator")
+parser.add_argument("--positive-only", action="store_true", help="clip advantages below 0 to 0: learn only from the "
+                    "better episodes of each group, push nothing down (RAFT++-like; mt_grpo's turn term is kept as is)")
 parser.add_argument("--turn-coef", type=float, default=0.5, help="mt_grpo: weight of the turn-level advantage")
 parser.add_argument("--dynamic-sampling", action="store_true", help="drop zero-variance groups and sample more tasks (DAPO)")
 parser.add_argument("--max-resample", type=int, default=2, help="extra sampling rounds per step with --dynamic-sampling")
@@ -102,14 +105,15 @@ def make_episode(task, args):
                          max_steps_per_turn=args.max_steps_per_turn, max_calls=args.max_calls)
 
 
-def group_advantages(rewards, normalise):
-    """rewards (n_groups, G) -> advantages: r - group mean, / group std if normalise. Groups whose
-    rewards are all equal get exactly 0 (no signal; no 0/0)."""
+def group_advantages(rewards, normalise, positive_only=False):
+    """rewards (n_groups, G) -> advantages: r - group mean, / group std if normalise, negatives set to 0
+    if positive_only. Groups whose rewards are all equal get exactly 0 (no signal; no 0/0)."""
     adv = rewards - rewards.mean(1, keepdim=True)
     if normalise:
         adv = adv / (rewards.std(1, keepdim=True) + 1e-6)
     flat = (rewards.max(1, keepdim=True).values - rewards.min(1, keepdim=True).values) == 0
-    return adv.masked_fill(flat, 0.0)
+    adv = adv.masked_fill(flat, 0.0)
+    return adv.clamp(min=0.0) if positive_only else adv
 
 
 def shaping_only(rewards, parts):
@@ -391,7 +395,7 @@ def main(args):
             picks = [extra.randrange(len(tasks)) for _ in range(local - len(results) // G)]
             gens = [torch.Generator().manual_seed(extra.randrange(2**62)) for _ in range(len(picks) * G)]
         rewards = torch.stack(rewards)                                            # (groups, G)
-        adv = group_advantages(rewards, normalise=args.adv != "dr_grpo").flatten()
+        adv = group_advantages(rewards, normalise=args.adv != "dr_grpo", positive_only=args.positive_only).flatten()
         tok_turn = turn_advantages(turn_r, G) if args.adv == "mt_grpo" else None
         seqs = build_sequences(results, adv, tok_turn, args)
         t_rollout = time.time() - t0
