@@ -52,7 +52,7 @@ def test_group_advantages_by_hand():
     assert not torch.isnan(a).any()
     d = rl.group_advantages(r, normalise=False)   # dr_grpo: no std
     assert torch.allclose(d[3], torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64))
-    p = rl.group_advantages(r, normalise=True, positive_only=True)   # the better half keeps its value, the rest 0
+    p = rl.group_advantages(r, normalise=True, positive_only=True)   # above-mean episodes keep their value, the rest get 0
     assert torch.equal(p[0], a[0].clamp(min=0)) and p[0, 0] > 0 and p[0, 1] == 0
     assert torch.equal(p[3], torch.tensor([a[3, 0].item(), 0.0, 0.0, 0.0], dtype=torch.float64))
 
