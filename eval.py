@@ -7,6 +7,7 @@ eval.py: how a checkpoint is judged, on our synthetic multi-turn tasks and on BF
     python eval.py --bench bfcl --bfcl-prompt official --max-len 32768   # BFCL multi-turn with the leaderboard prompt
     torchrun --standalone --nproc_per_node=2 eval.py   # sharded by task; gathered results equal one process's
     python eval.py --compare A.json B.json             # two models on the same tasks: paired success, sign test
+    python eval.py --teacher-forced --data data/val.jsonl  # next-call accuracy on every reference step, no episodes
 
 Every task runs through tools.Episode: a policy writes assistant messages, the Episode executes the calls and
 checks every user turn (BFCL semantics: state check + response check). The policy is the model, through
@@ -64,6 +65,11 @@ parser.add_argument("--pa", choices=["on", "off"], default="on", help="progress 
 parser.add_argument("--bfcl-prompt", choices=["official", "ours"], default="official",
                     help="bfcl: official = BFCL's prompt-mode system prompt + Python-list calls (full context, no pa); "
                          "ours = our protocol and chat format with --pa / --context-mode")
+parser.add_argument("--teacher-forced", action="store_true",
+                    help="next-call accuracy instead of episodes: for every tool-calling step of every task, the reference "
+                         "conversation up to it (--context-mode; with its causal awareness when the data has it), then "
+                         "one greedy message of the model's own (summary and plan first when pa on); exact match of its "
+                         "calls with the step's. Needs --data with reference messages (gen_data.py's val/test files)")
 parser.add_argument("--samples", type=int, default=1, help="episodes per task (pass@k with k = samples)")
 parser.add_argument("--temperature", type=float, default=None, help="sampling temperature; default 0 (greedy) for "
                     "--samples 1, else 1.0")
@@ -113,11 +119,9 @@ def policy_message(ep, policy):
         return tools.render_python_calls(calls) if calls else "Done."
     if not ep.pa:
         return tools.render_message(None, None, calls, "" if calls else "Done.")
-    facts, names = ep.progress_targets()
-    summary = "Known: " + ", ".join(facts) if facts else "Nothing pending."
     if not calls:
-        return tools.render_message(summary, None, [], "Done.")
-    return tools.render_message(summary, "Next: " + ", ".join(names), calls)
+        return tools.render_message(tools.progress_note(ep, final=True)[0], None, [], "Done.")
+    return tools.render_message(*tools.progress_note(ep), calls)
 
 
 def run_policy(episodes, policy):
@@ -244,6 +248,10 @@ def fmt(x, pct=False):
 
 def markdown(results):
     s, name = results["summary"], f"{results['model']} | {results['setting']}"
+    if results.get("mode") == "teacher_forced":
+        head = ["model", "setting", "next call exact", "right function", "no call", "steps"]
+        row = [name, fmt(s["exact"], True), fmt(s["function"], True), str(s["no_call"]), str(s["steps"])]
+        return "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n| " + " | ".join(row) + " |"
     if not results["complete"]:
         name += f" (cut: {s['episodes']} of {results['episodes_planned']} episodes)"
     if results["bench"] == "bfcl":
@@ -296,6 +304,29 @@ def compare(path_a, path_b):
     lines.append(f"paired over {len(a)} episodes: solved by both {both}, only by A {only_a}, only by B {only_b}, "
                  f"by neither {neither}; two-sided sign test p = {sign_test(only_a, only_b):.3f}")
     return "\n".join(lines)
+
+
+def teacher_forced(tasks, raw_model, chat, args, max_len, rank, world):
+    """--teacher-forced: one record per reference step (this rank's share of the tasks), "success" = the model's next
+    message makes exactly the step's calls, so --compare pairs two models step by step."""
+    steps = [(i, st) for i in range(rank, len(tasks), world) for st in tools.annotated_steps(tasks[i], args.context_mode)]
+    replies = M.complete(raw_model, chat, [(st["context"], st["tools"], "") for _, st in steps], args.max_new_tokens,
+                         max_len, args.batch_size)
+    records = []
+    for (i, st), reply in zip(steps, replies):
+        why = tools.compare_calls(reply, st["calls"])
+        records.append({"id": tasks[i]["id"], "index": i, "sample": f"{st['turn']}.{st['step']}", "type": st["type"],
+                        "success": not why, "function": not why or why.startswith("wrong arguments"), "reason": why,
+                        "reply": reply[:300] if why else ""})
+    return records
+
+
+def teacher_forced_summary(records):
+    def rates(rs):
+        return {"steps": len(rs), "exact": sum(r["success"] for r in rs) / max(1, len(rs)),
+                "function": sum(r["function"] for r in rs) / max(1, len(rs)),
+                "no_call": sum(r["reason"] == "no tool call" for r in rs)}
+    return rates(records), {t: rates([r for r in records if r["type"] == t]) for t in sorted({r["type"] for r in records})}
 
 
 def commit_hash():
@@ -366,6 +397,37 @@ def main(args):
         M.print0(f"model: {ckpt} ({raw_model.num_params() / 1e6:.1f}M parameters), context {max_len} tokens, "
                  f"temperature {temperature}")
     model_name = os.path.basename(os.path.normpath(ckpt)) if ckpt else args.policy
+
+    if args.teacher_forced:
+        if args.bench != "synthetic" or raw_model is None or "messages" not in tasks[0]:
+            raise SystemExit("--teacher-forced needs a model (--policy model) and --data with reference messages "
+                             "(gen_data.py's val.jsonl or test.jsonl)")
+        setting += ", teacher-forced next call"
+        with M.autocast(device):
+            records = teacher_forced(tasks, raw_model, chat, args, max_len, ddp_rank, ddp_world_size)
+        if ddp:
+            gathered = [None] * ddp_world_size
+            dist.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        if master_process:
+            records.sort(key=lambda r: (r["index"], r["sample"]))
+            summary, by_type = teacher_forced_summary(records)
+            tag = f"pa{args.pa}-{args.context_mode}-tf"
+            out_file = args.out_file or os.path.join("out", "eval", f"{data_name}-{model_name}-{tag}.json")
+            results = {"bench": args.bench, "mode": "teacher_forced", "setting": setting, "model": model_name,
+                       "checkpoint": ckpt, "commit": commit, "complete": True, "args": vars(args), "world_size": ddp_world_size,
+                       "device": str(device), "wall_s": time.time() - t0, "summary": summary, "by_type": by_type,
+                       "records": records}
+            os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
+            with open(out_file + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(out_file + ".tmp", out_file)
+            for kind, v in by_type.items():
+                print(f"  {kind:15s} exact {fmt(v['exact'], True):>5} | function {fmt(v['function'], True):>5} of {v['steps']} steps")
+            print(markdown(results))
+            print(f"wrote {out_file} ({time.time() - t0:.1f} s)")
+        M.cleanup_runtime()
+        return
 
     # sharded by task: all samples of a task on one rank; records carry (index, sample) to restore the order
     mine = [(i, s) for i in range(ddp_rank, len(tasks), ddp_world_size) for s in range(args.samples)]

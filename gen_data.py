@@ -4,7 +4,7 @@ gen_data.py: PAG, the Progress Awareness Generation pipeline of PARL-MT -> data/
     python gen_data.py                              # CPU default: 4,000 synthetic episodes (+ augmented copies), ~20 s
     python gen_data.py --num-episodes 10000         # the speed check (< 60 s on 2 CPU cores)
     python gen_data.py --pa none --out-dir data_nopa  # the no-awareness baseline data
-    python gen_data.py --verify-with out/sft        # keep only steps a model can take from the summary alone
+    python gen_data.py --verify-with out/sft        # train only on the steps a model can take from their awareness
     python gen_data.py --source bfcl --out-dir data_bfcl  # BFCL multi-turn entries, split by entry id
 
 Stages, one function each, in this order:
@@ -16,8 +16,9 @@ Stages, one function each, in this order:
   4. trajectories top-down: the ground truth runs through tools.Episode (real results, reference states)
   5. awareness    a <summary> (facts the remaining steps need) and a <plan> (remaining functions) before
                   every call; programmatic and exact by default, --teacher PATH rewrites the summaries
-  6. verification --verify-with CKPT: a step is kept only if the model, given system + tools + this step's
-                  summary/plan + the request (no history), greedily makes the ground-truth calls
+  6. verification --verify-with CKPT: per step, in the context SFT trains in (--verify-context-mode), the
+                  model is given the step's own <summary>/<plan> and must write the reference calls, and the
+                  summary must state only true things; a failed step stays as context without a loss
   7. augmentation paraphrase, schema perturbation (renamed parameters, reordered tools, short
                   descriptions), word masking; each with a rate flag; train only
   8. splits       train / val / test (held-out function combinations + a longer-horizon slice), dedupe,
@@ -67,14 +68,13 @@ parser.add_argument("--long-min-chars", type=int, default=1500, help="a turn wit
 # progress awareness
 parser.add_argument("--pa", choices=["programmatic", "none"], default="programmatic",
                     help="programmatic: exact <summary>/<plan> from the ground truth; none: no awareness (baseline)")
-parser.add_argument("--failed-summaries", action="store_true",
-                    help="a call whose latest result this turn is an error goes under 'Failed: name (error)' in the "
-                         "summary, not 'Done:' (off: every ground-truth call so far is 'Done', the data of the README's "
-                         "tables)")
 parser.add_argument("--teacher", default="", help="a local causal LM (model.py load_model path) that rewrites the summaries; '' = none")
 parser.add_argument("--teacher-max-new-tokens", type=int, default=96, help="teacher: max tokens per rewritten summary")
 # verification
-parser.add_argument("--verify-with", default="", help="checkpoint for model-aware verification of every annotated step; '' = off")
+parser.add_argument("--verify-with", default="", help="checkpoint (a short sft.py run on the unverified data) for model-aware "
+                    "verification of every annotated train step; '' = off")
+parser.add_argument("--verify-context-mode", choices=["full", "summary"], default="full",
+                    help="verification: the context each step is shown in (that of the sft.py run the data is for)")
 parser.add_argument("--verify-max-new-tokens", type=int, default=160, help="verification: max tokens per greedy prediction")
 parser.add_argument("--verify-max-len", type=int, default=4096, help="verification: max tokens per context")
 parser.add_argument("--batch-size", type=int, default=32, help="teacher/verification: contexts per batched rollout")
@@ -1037,7 +1037,7 @@ def err_cat(w, ref=None):
     if "error" not in r1 or r2.get("matches") != [p]:
         return None
     c3, r3 = w.run("cat", path=p)
-    return dict(say=w.pick([f"show me {name}", f"read {name} for me"]), steps=[[c1], [c2], [c3]],
+    return dict(say=w.pick([f"show me {name}", f"read {name} for me"]), steps=[[c1], [c2], [c3]], fails=[0],
                 reply=f"{p} says: {r3['content']}", refs=[dict(kind="file", path=p, np=["that file"])])
 
 
@@ -1051,7 +1051,7 @@ def err_order(w, ref=None):
     c2, q = w.run("get_quote", symbol=sym)
     c3, res = w.run("place_order", account_id=a, symbol=sym, side="buy", shares=n, price=q["price"])
     return dict(say=w.pick([f"buy {n} shares of {sym} at {stale} using {a}", f"place an order for {n} {sym} at {stale} a share from {a}"]),
-                steps=[[c1], [c2], [c3]], reply=f"The price had changed; bought at {q['price']}, order {res['order_id']}.",
+                steps=[[c1], [c2], [c3]], fails=[0], reply=f"The price had changed; bought at {q['price']}, order {res['order_id']}.",
                 refs=[dict(kind="order", id=res["order_id"], np=["that order"]), dict(kind="fact", value=res["order_id"], np=["the order id"])])
 
 
@@ -1072,7 +1072,7 @@ def err_event(w, ref=None):
         return None
     c3, r3 = w.run("create_event", title=title, date=e["date"], start=slot["start"], end=slot["end"])
     return dict(say=f"schedule '{title}' on {e['date']} from {s} to {end}, or at the next free 30 minutes after {s} if that is taken",
-                steps=[[c1], [c2], [c3]], reply=f"{s} was taken; '{title}' is at {slot['start']}.",
+                steps=[[c1], [c2], [c3]], fails=[0], reply=f"{s} was taken; '{title}' is at {slot['start']}.",
                 refs=[dict(kind="event", id=r3["event_id"], np=[f"the '{title}' event", "that event"])])
 
 
@@ -1235,6 +1235,9 @@ def build_episode(rng, n_turns, variant, domains, long_min_chars, want=(), multi
                 held.append(f)
         if turn["type"] == "normal" and max((len(r) for r in w.results[n0:]), default=0) >= long_min_chars:
             turn["type"] = "long_context"
+        turn["learned"] = learned_pairs(sum((o.get("refs", []) for o in outs), []))
+        if kind == "error_recovery":
+            turn["fails"] = outs[0]["fails"]  # the step whose call fails: its recovery is unknown until then
         if kind != "normal":
             w.refs += outs[0].get("refs", [])
         turns.append(turn)
@@ -1245,6 +1248,19 @@ def build_episode(rng, n_turns, variant, domains, long_min_chars, want=(), multi
     return {"envs": configs, "turns": turns, "held_out": held,
             "tags": {"domains": sorted({tools.OWNER[c["name"]] for t in turns for s in t["gt"] for c in s}),
                      "variant": variant if variant != "normal" else (kinds[0] if kinds else "normal")}}
+
+
+def learned_pairs(refs):
+    """A turn's referents (what its intents made or found, that any later turn may point back to: "that
+    booking") as the [key, value] facts its final summary reports: the ids, e-mails, paths, names and numbers."""
+    out = []
+    for r in refs:
+        for field in ("id", "email", "path", "name", "value"):
+            if field in r:
+                key = {"id": f"{r['kind']}_id", "email": "email", "path": "path"}.get(field, r["kind"])
+                if str(r[field]) not in {v for _, v in out}:
+                    out.append([key, str(r[field])])
+    return out
 
 
 def offer_tools(task, rng, distractors):
@@ -1295,120 +1311,50 @@ def make_tasks(rng, count, turns_range, mix, args, want_pairs=(), forbid_pairs=(
 # ----------------------------------------------------------------------------------------------
 # Stage 4 + 5: execute the ground truth through tools.Episode, writing the programmatic progress awareness
 
-def has_word(text, s):
-    """s occurs in text as a whole value: "m1" is not in "m101", "100" is not in "1500.0" (str.find: no regex compiles)."""
-    i = text.find(s)
-    while i >= 0:
-        a, b = text[i - 1:i] if i else " ", text[i + len(s):i + len(s) + 2] + "  "
-        if not (a.isalnum() or a in "._@-") and not (b[0].isalnum() or b[0] in "_@-" or (b[0] == "." and b[1].isdigit())):
-            return True
-        i = text.find(s, i + 1)
-    return False
-
-
-def needed_facts(ep, task, ti, si):
-    """(argument, value) pairs the remaining steps need and cannot read off the request they serve: values
-    from the results so far (this turn: exactly tools.Episode.progress_targets' rule) or from earlier requests."""
-    turns = task["turns"]
-    seen_users = [turns[j]["user"] for j in range(ti + 1)]
-    out = []
-    for j in range(ti, len(turns)):
-        for step in turns[j]["gt"][si if j == ti else 0:]:
-            for c in step:
-                for k, v in c["arguments"].items():
-                    for x in tools._scalars(v):
-                        s = str(x)
-                        if len(s) < 2 or any(s == y for _, y in out) or (j > ti and s in turns[j]["user"]):
-                            continue
-                        if j == ti and any(s in r for r in ep.model_results):  # progress_targets' rule
-                            out.append((k, s))
-                            continue
-                        if any(has_word(x, s) for x in ep.model_results + seen_users[:j]) and not has_word(turns[j]["user"], s):
-                            out.append((k, s))
-    return out
-
-
-def progress(ep, task, ti, si, failed=False):
-    """Summary and plan for the assistant message that makes step si of turn ti (si == len(gt): the final reply).
-    failed: a function whose latest call this turn returned an error is listed as failed, with the error."""
-    t = task["turns"][ti]
-    done = list(dict.fromkeys(c["name"] for s in t["gt"][:si] for c in s))
-    errors = {}
-    if failed:  # this turn's calls so far: the latest call of a function decides whether it failed
-        latest = {c["name"]: e for c, e in zip(ep.turns[ti]["calls"], ep.turns[ti]["errors"])}
-        errors = {n: e for n, e in latest.items() if e}
-        done = [n for n in done if n not in errors]
-    facts = needed_facts(ep, task, ti, si)
-    if si < len(t["gt"]):
-        want, names = ep.progress_targets()
-        facts += [("value", f) for f in want if f not in {v for _, v in facts}]
-    prev = task["turns"][ti - 1] if ti else {}
-    if t.get("pending"):  # a miss turn: what is pending and why, so that the next turn can finish it from here
-        summary = f"Pending: {t['pending']}; " + (f"need {t['need']}." if t.get("need") else "no function for it yet.")
-    else:
-        said = [f"Done: {', '.join(done)}."] if done else []
-        said += [f"Failed: {'; '.join(f'{n} ({e})' for n, e in errors.items())}."] if errors else []
-        summary = (f"Request: {prev['pending']}. " if prev.get("pending") else "") + (" ".join(said) or "New request.")
-    if facts:
-        summary += " Known: " + "; ".join(f"{k}={v}" for k, v in facts) + "."
-    plan = ("Next: " + ", then ".join(names) + ".") if si < len(t["gt"]) else None
-    return summary, plan
-
-
-def trajectory(task, pa, overrides=None, failed=False):
-    """Replay the ground truth with awareness -> the Episode (full context). overrides: {(turn, step): summary};
-    failed: see progress()."""
+def trajectory(task, pa, overrides=None):
+    """Replay the ground truth with awareness -> the Episode (full context). Every summary and plan is
+    tools.progress_note of the episode so far: written from what the assistant has seen (tested: a copy of the
+    task cut at that step gives the same note). overrides: {(turn, step): summary}."""
     ep = tools.Episode(task, pa=pa)
     ep.reset()
     for ti, t in enumerate(task["turns"]):
         for si in range(len(t["gt"]) + 1):
             calls = t["gt"][si] if si < len(t["gt"]) else []
-            summary, plan = progress(ep, task, ti, si, failed) if pa else (None, None)
+            reply = "" if calls else t.get("reply") or "Done."
+            summary, plan = tools.progress_note(ep, final=not calls) if pa else (None, None)
             if overrides and (ti, si) in overrides:
                 summary = overrides[(ti, si)]
-            ep.step(tools.render_message(summary, plan, calls, "" if calls else t.get("reply") or "Done."))
+            ep.step(tools.render_message(summary, plan, calls, reply))
     return ep
 
 
-def sft_line(task, pa, overrides=None, failed=False):
+def sft_line(task, pa, overrides=None):
     """Task + messages + tools, or None (with a reason) when the ground truth does not replay with success."""
-    ep = trajectory(task, pa, overrides, failed)
+    ep = trajectory(task, pa, overrides)
     parts = ep.reward_parts()
     if not ep.success or parts["format"] < 1.0 or (pa and parts["awareness"] < 1.0):
         return None, f"replay: success={ep.success} parts={parts} reasons={[t['reason'] for t in ep.turns]}"
+    for t, rec in zip(task["turns"], ep.turns):  # the plans hide exactly the recoveries of the declared failures
+        failing = [si for si, step in enumerate(rec["step_errors"]) if step]
+        if failing != t.get("fails", []):
+            return None, f"replay: steps {failing} fail where the task declares {t.get('fails', [])}"
     return dict(task, messages=ep.messages, tools=ep.tools), ""
 
 # ----------------------------------------------------------------------------------------------
 # Stage 5b + 6: an LLM teacher and model-aware verification share one greedy generator
 
-class _Once:
-    """A one-message 'episode' for model.rollout: it shows `messages` and keeps the reply."""
-
-    def __init__(self, messages, tools_):
-        self.messages, self.tools, self.text = messages, tools_, ""
-
-    def reset(self):
-        return self.messages
-
-    def step(self, text):
-        self.text = text
-        return "done", []
-
-
 def model_generator(path, device, max_new_tokens, max_len, batch_size):
-    """-> generate(list of (messages, tools)) -> list of greedy replies, with a model.py checkpoint."""
+    """-> generate(list of (messages, tools[, prefix])) -> list of greedy replies (prefix included), with a
+    model.py checkpoint."""
     import model as M  # torch only when a model is asked for
     mdl, tok = M.load_model(path, device)
     mdl.eval()
     chat = M.Chat(tok)
 
     def generate(contexts):
-        out = []
-        for i in range(0, len(contexts), batch_size):
-            eps = [_Once(m, t) for m, t in contexts[i:i + batch_size]]
-            M.rollout(mdl, chat, eps, max_new_tokens=max_new_tokens, max_len=max_len, temperature=0.0)
-            out += [e.text for e in eps]
-        return out
+        items = [(c[0], c[1], c[2] if len(c) > 2 else "") for c in contexts]
+        with M.autocast(device):
+            return M.complete(mdl, chat, items, max_new_tokens, max_len, batch_size)
     return generate
 
 
@@ -1418,85 +1364,71 @@ TEACHER_PROMPT = ("Rewrite this progress note of an assistant in your own words,
 
 def known_values(summary):
     """The fact values of a programmatic summary ('... Known: to=a@b.com; price=12.5.' -> ['a@b.com', '12.5'])."""
-    part = summary.split(" Known: ", 1)[1][:-1] if " Known: " in (summary or "") else ""
-    return [kv.split("=", 1)[1] for kv in part.split("; ") if "=" in kv]
+    part = re.split(r"(?:^| )Known: ", summary or "", maxsplit=1)
+    return [kv.split("=", 1)[1] for kv in part[1][:-1].split("; ") if "=" in kv] if len(part) > 1 else []
 
 
-def teacher_rewrite(lines, pa, generate, failed=False):
-    """Stage 5b: the teacher rewrites every summary. A rewrite is used only if it keeps every fact value of the
-    programmatic summary and the line still replays with full awareness; otherwise the exact note stays.
+def teacher_rewrite(lines, pa, generate):
+    """Stage 5b: the teacher rewrites every non-empty summary. A line takes its rewrites only if each keeps every
+    fact value of the programmatic summary, the line still replays with full awareness, and every rewritten
+    summary states only true things (tools.summary_truth); otherwise its exact notes stay.
     -> (lines, summaries rewritten, summaries asked)."""
     asks = []
     for li, line in enumerate(lines):
         ti, si = -1, 0
-        for m in line["messages"]:
+        for k, m in enumerate(line["messages"]):
             if m["role"] == "user":
                 ti, si = ti + 1, 0
             elif m["role"] == "assistant":
                 p = tools.parse_message(m["content"])
-                asks.append((li, ti, si, p.summary))
+                if p.summary:
+                    asks.append((li, ti, si, k, p.summary))
                 si += 1
     replies = generate([([{"role": "system", "content": TEACHER_PROMPT}, {"role": "user", "content": s}], None) for *_, s in asks])
     by_line = {}
-    for (li, ti, si, old), r in zip(asks, replies):
+    for (li, ti, si, k, old), r in zip(asks, replies):
         r = re.sub(r"</?(summary|plan|tool_call)>", "", r).strip()
         if r and all(v in r for v in known_values(old)):
-            by_line.setdefault(li, {})[(ti, si)] = r
+            by_line.setdefault(li, {})[(ti, si)] = (k, r)
     out, kept = [], 0
     for li, line in enumerate(lines):
-        new, _ = sft_line(line, pa, by_line.get(li), failed) if li in by_line else (None, "")
+        new = None
+        if li in by_line:
+            new, _ = sft_line(line, pa, {key: r for key, (_, r) in by_line[li].items()})
+            truth = tools.summary_truth(new) if new else {}
+            new = new if all(not truth.get(k) for k, _ in by_line[li].values()) else None
         kept += len(by_line[li]) if new else 0
         out.append(dict(new, split=line["split"], id=line["id"]) if new else line)
     return out, kept, len(asks)
 
 
-def annotated_steps(line):
-    """Each tool-calling assistant message as a summary-context prompt: system + tools offered by then + one user
-    message carrying this message's own <summary>/<plan> and the current request (no history). -> [(turn, step,
-    messages, tools, gt calls)]."""
-    known = tools.known_schemas(line)
-    offered = list(line["tools"])
-    out, ti, si, user, system = [], -1, 0, "", line["messages"][0]
-    for m in line["messages"][1:]:
-        if m["role"] == "user":
-            ti, si, user = ti + 1, 0, m["content"]
-            offered += [known[n] for n in line["turns"][ti].get("add_functions", []) if n in known and known[n] not in offered]
-        elif m["role"] == "assistant":
-            p = tools.parse_message(m["content"])
-            if p.calls:
-                ctx = [system, {"role": "user", "content": tools.carry_text(p.summary, p.plan, user)}]
-                out.append((ti, si, ctx, list(offered), p.calls))
-                si += 1
-    return out
-
-
-def compare_calls(got_text, want):
-    """'' when the reply's calls equal the ground-truth step (as a multiset), else the reason."""
-    got = tools.parse_message(got_text).calls
-    key = lambda cs: Counter(tools._call_key(c) for c in cs)  # noqa: E731
-    if not got:
-        return "no tool call"
-    if sorted(c["name"] for c in got) != sorted(c["name"] for c in want):
-        return f"wrong function(s): got {[c['name'] for c in got]}, want {[c['name'] for c in want]}"
-    if key(got) != key(want):
-        return f"wrong arguments: got {[c['arguments'] for c in got]}, want {[c['arguments'] for c in want]}"
-    return ""
-
-
-def verify(lines, predict):
-    """Stage 6: keep a line only if every annotated step passes. predict(list of (messages, tools)) -> replies;
-    a model in real runs, any function in tests. -> (kept lines, dropped records, steps, steps passed)."""
-    items = [(li, *s) for li, line in enumerate(lines) for s in annotated_steps(line)]
-    replies = predict([(ctx, tl) for _, _, _, ctx, tl, _ in items])
-    bad = {}
-    for (li, ti, si, _, _, want), reply in zip(items, replies):
-        why = compare_calls(reply, want)
+def verify(lines, predict, context_mode="full"):
+    """Stage 6, model-aware verification, step by step. Every tool-calling reference message is shown to the
+    model in the context SFT trains it in (context_mode), with the message's own <summary>/<plan> forced as its
+    start; the model writes the rest greedily. The step passes if its calls are the reference calls and its
+    summary states nothing untrue (tools.summary_errors). A failed step goes under the line's "no_loss" (sft.py
+    keeps its tokens as context and trains on the rest): no episode is dropped.
+    predict(list of (messages, tools, prefix)) -> replies (a model in real runs, any function in tests).
+    -> (lines, records of the failed steps, {turn type: counts})."""
+    items = [(li, st) for li, line in enumerate(lines) for st in tools.annotated_steps(line, context_mode)]
+    replies = predict([(st["context"], st["tools"], st["prefix"]) for _, st in items])
+    no_loss, rejected, by_type = {}, [], {}
+    for (li, st), reply in zip(items, replies):
+        why = ("untrue summary: " + "; ".join(st["untrue"])) if st["untrue"] else tools.compare_calls(reply, st["calls"])
+        count = by_type.setdefault(st["type"], Counter())
+        count["steps"] += 1
         if why:
-            bad.setdefault(li, []).append({"id": lines[li]["id"], "turn": ti, "step": si, "reason": why,
-                                           "reply": reply[:500], "want": want})
-    kept = [line for li, line in enumerate(lines) if li not in bad]
-    dropped = [r for li in sorted(bad) for r in bad[li]]
-    return kept, dropped, len(items), len(items) - len(dropped)
+            count[why.split(":")[0]] += 1
+            no_loss.setdefault(li, []).append(st["index"])
+            rejected.append({"id": lines[li]["id"], "turn": st["turn"], "step": st["step"], "type": st["type"],
+                             "reason": why, "reply": reply[:500], "want": st["calls"]})
+        else:
+            count["passed"] += 1
+    out = [dict(line, no_loss=no_loss[li]) if li in no_loss else line for li, line in enumerate(lines)]
+    table = {t: {"steps": c["steps"], "passed": c["passed"], "pass_rate": round(c["passed"] / c["steps"], 4),
+                 "rejected": {k: v for k, v in sorted(c.items()) if k not in ("steps", "passed")}}
+             for t, c in sorted(by_type.items())}
+    return out, rejected, table
 
 # ----------------------------------------------------------------------------------------------
 # Stage 7: augmentation (train only). Every copy still replays: paraphrase and masking keep every value the
@@ -1593,8 +1525,9 @@ def augment(lines, rng, args):
             else:
                 task = {k: v for k, v in line.items() if k not in ("messages", "tools")}
                 task = paraphrase(task, rng) if kind == "paraphrase" else mask_words(task, rng, args.mask_words)
-                new = task and sft_line(task, args.pa == "programmatic", failed=args.failed_summaries)[0]
+                new = task and sft_line(task, args.pa == "programmatic")[0]
             changed = new and (kind == "schema" or [t["user"] for t in new["turns"]] != [t["user"] for t in line["turns"]])
+            # a copy has the same steps as its original, so it keeps the original's verification verdicts ("no_loss")
             if changed:
                 out.append(dict(new, id=f"{line['id']}-{kind}", tags=dict(new["tags"], augment=kind)))
     return out
@@ -1705,6 +1638,7 @@ def stats(splits, dropped_replay, args):
                         function_coverage=f"{len(used)}/{len(universe)}", functions_never_used=sorted(universe - used),
                         augmented=dict(sorted(Counter(t["tags"].get("augment") for t in train if t["tags"].get("augment")).items())))
     out["tokens"] = token_stats(splits, args)
+    out["awareness"] = {name: awareness_stats(lines) for name, lines in splits.items() if name != "rl"}
     return out
 
 
@@ -1721,7 +1655,34 @@ def token_stats(splits, args):
     for k, lines in sample.items():
         n = [len(x) for x in chat.tok([chat.text(t["messages"], t["tools"]) for t in lines], add_special_tokens=False)["input_ids"]]
         out[k] = {"mean": round(sum(n) / len(n)), "max": max(n)}
+    # what awareness costs: its tokens per ground-truth call, and its share of the tokens SFT puts a loss on
+    msgs = [m["content"] for t in sample["train"] for m in t["messages"] if m["role"] == "assistant"]
+    head = sum(len(chat.encode(c[:tools.awareness_chars(c)])) for c in msgs)
+    loss = sum(len(chat.encode(c)) + 1 for c in msgs)
+    calls = sum(len(s) for t in sample["train"] for x in t["turns"] for s in x["gt"])
+    out["awareness"] = {"tokens_per_call": round(head / max(1, calls), 1), "share_of_loss_tokens": round(head / max(1, loss), 3)}
     return out
+
+
+def awareness_stats(lines):
+    """The shape of the summaries and plans of a split: how many are empty, facts and plan steps per note."""
+    summaries, plans, empty, facts, failed, steps = 0, 0, 0, 0, 0, 0
+    for t in lines:
+        for m in t.get("messages", []):
+            p = tools.parse_message(m["content"]) if m["role"] == "assistant" else None
+            if p is None or p.summary is None:
+                continue
+            summaries += 1
+            empty += not p.summary
+            facts += len(known_values(p.summary))
+            failed += "Failed: " in p.summary
+            if p.plan:
+                plans += 1
+                steps += p.plan.count(", then ") + 1
+    if not summaries:
+        return {}
+    return {"summaries": summaries, "empty_share": round(empty / summaries, 3), "facts_per_summary": round(facts / summaries, 2),
+            "with_failed": failed, "plans": plans, "steps_per_plan": round(steps / max(1, plans), 2)}
 
 # ----------------------------------------------------------------------------------------------
 # Output: everything to temporary files, renamed at the end
@@ -1741,8 +1702,6 @@ def check_args(args):
         raise SystemExit("--num-episodes must be >= 1, --num-rl and --distractor-tools >= 0")
     if not 1 <= args.max_turns < args.long_turns or args.long_turns > 8 or args.max_turns < 2:
         raise SystemExit("need 2 <= --max-turns < --long-turns <= 8")
-    if args.failed_summaries and args.pa == "none":
-        raise SystemExit("--failed-summaries needs summaries: drop it or use --pa programmatic")
     if (args.verify_with or args.teacher) and args.pa == "none":
         raise SystemExit("--verify-with and --teacher work on summaries: they need --pa programmatic")
     for flag in ("teacher", "verify_with"):
@@ -1793,7 +1752,7 @@ def main(argv=None):
         lines = []
         for i, task in enumerate(ts):
             task = dict(task, id=task.get("id") if args.source == "bfcl" else f"{name}-{i:05d}", split=name)
-            line, why = sft_line(task, pa, failed=args.failed_summaries)
+            line, why = sft_line(task, pa)
             if line is None:
                 dropped.append({"id": task["id"], "reason": why})
                 continue
@@ -1803,21 +1762,23 @@ def main(argv=None):
     if args.teacher:
         gen = model_generator(args.teacher, args.device, args.teacher_max_new_tokens, args.verify_max_len, args.batch_size)
         for name in ("train", "val", "test"):
-            splits[name], kept, tried = teacher_rewrite(splits[name], pa, gen, args.failed_summaries)
+            splits[name], kept, tried = teacher_rewrite(splits[name], pa, gen)
             print(f"teacher: {name}: {kept}/{tried} summaries rewritten (the rest keep the programmatic notes)")
-    summary = {}
+    verification = {}
     if args.verify_with:
         predict = model_generator(args.verify_with, args.device, args.verify_max_new_tokens, args.verify_max_len, args.batch_size)
-        splits["train"], vdrop, n, ok = verify(splits["train"], predict)
-        summary = {"steps": n, "passed": ok, "pass_rate": round(ok / max(1, n), 4), "episodes_dropped": len({d["id"] for d in vdrop})}
-        dropped += vdrop
-        print(f"verification: {ok}/{n} steps pass ({summary['pass_rate']:.1%}); {summary['episodes_dropped']} train episodes dropped")
+        splits["train"], rejected, verification = verify(splits["train"], predict, args.verify_context_mode)
+        n, ok = sum(v["steps"] for v in verification.values()), sum(v["passed"] for v in verification.values())
+        dropped += [dict(r, reason="verification: " + r["reason"]) for r in rejected]
+        print(f"verification: {ok}/{n} steps pass ({ok / max(1, n):.1%}); the other {n - ok} stay as context without a loss")
+        for t, v in verification.items():
+            print(f"  {t:15s} {v['passed']:5d}/{v['steps']:<5d} pass {v['pass_rate']:.1%}  rejected {v['rejected']}")
     splits["train"] = augment(splits["train"], random.Random(args.seed + 1), args)
     t3 = time.time()
     st = stats(splits, len([d for d in dropped if d["reason"].startswith("replay")]), args)
     st["args"] = {k: v for k, v in vars(args).items() if k != "out_dir"}  # how the data was made (out_dir aside: same bytes anywhere)
-    if summary:
-        st["verification"] = summary
+    if verification:
+        st["verification"] = verification
     files = {f"{k}.jsonl": jsonl(v) for k, v in splits.items()}
     files["stats.json"] = json.dumps(st, indent=1) + "\n"
     if dropped or args.verify_with:

@@ -626,7 +626,23 @@ class Chat:
         return text.rindex(self.end_text, start) + len(self.end_text)
 
     def render(self, messages, tools=None, add_generation_prompt=False):
-        """-> (ids, mask): mask is 1 exactly on the tokens of assistant contents and their end token.
+        """-> (ids, mask): mask is 1 exactly on the tokens of assistant contents and their end token."""
+        ids, mask, _, _ = self.render_parts(messages, tools, add_generation_prompt)
+        return ids, mask
+
+    def _content(self, c, head_chars):
+        """Token ids of an assistant content + end token, and per id whether it starts in c[:head_chars(c)]."""
+        if head_chars is None:
+            ids = self.encode(c)
+            return ids + [self.end_id], [0] * (len(ids) + 1)
+        enc = self.tok(c, add_special_tokens=False, return_offsets_mapping=True)
+        n = head_chars(c)
+        return enc["input_ids"] + [self.end_id], [int(a < n) for a, _ in enc["offset_mapping"]] + [0]
+
+    def render_parts(self, messages, tools=None, add_generation_prompt=False, head_chars=None):
+        """-> (ids, mask, owner, head): mask as render(); owner the index in `messages` of the assistant message a
+        token belongs to (-1 elsewhere); head 1 on the tokens that start within that content's first
+        head_chars(content) characters (the <summary>/<plan> of a message, for loss weighting).
         One template pass with a sentinel in place of each assistant content finds where the contents go;
         if the template does something to the contents (checked), fall back to rendering prefix by prefix."""
         marks = [f"\x00{k}\x00" for k in range(len(messages))]
@@ -638,38 +654,43 @@ class Chat:
                 continue
             before, found, after = rest.partition(marks[k])
             if not found or not after.startswith(self.end_text):
-                return self._render_slow(messages, tools, add_generation_prompt)
+                return self._render_slow(messages, tools, add_generation_prompt, head_chars)
             pieces.append(before)
-            contents.append(m["content"])
+            contents.append((k, m["content"]))
             rest = after[len(self.end_text):]
-        if "".join(p + c + self.end_text for p, c in zip(pieces, contents)) + rest != \
+        if "".join(p + c + self.end_text for p, (_, c) in zip(pieces, contents)) + rest != \
                 self.text(messages, tools, add_generation_prompt):
-            return self._render_slow(messages, tools, add_generation_prompt)
-        ids, mask = [], []
-        for p, c in zip(pieces, contents):
-            piece, content = self.encode(p), self.encode(c) + [self.end_id]
+            return self._render_slow(messages, tools, add_generation_prompt, head_chars)
+        ids, mask, owner, head = [], [], [], []
+        for p, (k, c) in zip(pieces, contents):
+            piece = self.encode(p)
+            content, h = self._content(c, head_chars)
             ids += piece + content
             mask += [0] * len(piece) + [1] * len(content)
+            owner += [-1] * len(piece) + [k] * len(content)
+            head += [0] * len(piece) + h
         tail = self.encode(rest)
-        return ids + tail, mask + [0] * len(tail)
+        return ids + tail, mask + [0] * len(tail), owner + [-1] * len(tail), head + [0] * len(tail)
 
-    def _render_slow(self, messages, tools=None, add_generation_prompt=False):
-        ids, mask, done = [], [], 0  # done: characters of the template text already turned into ids
+    def _render_slow(self, messages, tools=None, add_generation_prompt=False, head_chars=None):
+        ids, mask, owner, head, done = [], [], [], [], 0  # done: characters of the template text already turned into ids
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            head = self.text(messages[:k], tools, add_generation_prompt=True)
+            head_text = self.text(messages[:k], tools, add_generation_prompt=True)
             full = self.text(messages[:k + 1], tools)
-            if not full.startswith(head) or head[:done] != full[:done]:
+            if not full.startswith(head_text) or head_text[:done] != full[:done]:
                 raise ValueError("chat template is not prefix-stable; use the repo's ChatML template")
-            piece = self.encode(head[done:])
-            content_end = full.rindex(self.end_text, len(head))
-            content = self.encode(full[len(head):content_end]) + [self.end_id]
+            piece = self.encode(head_text[done:])
+            content_end = full.rindex(self.end_text, len(head_text))
+            content, h = self._content(full[len(head_text):content_end], head_chars)
             ids += piece + content
             mask += [0] * len(piece) + [1] * len(content)
+            owner += [-1] * len(piece) + [k] * len(content)
+            head += [0] * len(piece) + h
             done = content_end + len(self.end_text)
         tail = self.encode(self.text(messages, tools, add_generation_prompt)[done:])
-        return ids + tail, mask + [0] * len(tail)
+        return ids + tail, mask + [0] * len(tail), owner + [-1] * len(tail), head + [0] * len(tail)
 
 
 def load_tokenizer(path):
@@ -984,7 +1005,8 @@ def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k,
                 logits[r] = model(ids)[0, -1]
 
     def start_context(r, messages):
-        text = chat.text(messages, rows[r].ep.tools, add_generation_prompt=True)
+        # an episode may force the start of its first message (complete(): a given <summary>/<plan>)
+        text = chat.text(messages, rows[r].ep.tools, add_generation_prompt=True) + getattr(rows[r].ep, "prefix", "")
         ids = chat.encode(text)
         if use_cache:
             cache.restart(r)
@@ -1058,6 +1080,31 @@ def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k,
             run(decode)
     return [{"segments": row.segments, "truncated": row.truncated, "gen_tokens": row.gen_tokens,
              "injected_tokens": row.injected_tokens, "episode": row.ep} for row in rows]
+
+class _Once:
+    """A one-message 'episode' for rollout: it shows `messages` and keeps the reply to it."""
+
+    def __init__(self, messages, tools, prefix=""):
+        self.messages, self.tools, self.prefix, self.text = messages, tools, prefix, ""
+
+    def reset(self):
+        return self.messages
+
+    def step(self, text):
+        self.text = text
+        return "done", []
+
+
+def complete(model, chat, items, max_new_tokens=160, max_len=4096, batch_size=16):
+    """Greedy next assistant messages: items = [(messages, tools, prefix)] -> [text], one per item, in batches
+    through rollout. The message starts with `prefix` (forced, not sampled; '' = none); the text returned
+    includes it. A context too long for max_len gets the prefix alone."""
+    out = []
+    for i in range(0, len(items), batch_size):
+        eps = [_Once(*it) for it in items[i:i + batch_size]]
+        rollout(model, chat, eps, max_new_tokens=max_new_tokens, max_len=max_len, temperature=0.0)
+        out += [e.prefix + e.text for e in eps]
+    return out
 
 # -----------------------------------------------------------------------------
 # Runtime: device, autocast, DDP

@@ -45,6 +45,9 @@ parser.add_argument("--context-mode", choices=["full", "summary"], default="full
 parser.add_argument("--pa", choices=["auto", "on", "off"], default="auto",
                     help="progress awareness of the eval episodes (the data decides what is trained); "
                          "auto = on iff the training data's assistant messages carry <summary>")
+parser.add_argument("--awareness-weight", type=float, default=1.0,
+                    help="loss weight of <summary>/<plan> tokens relative to calls and replies (1 = plain SFT on "
+                         "everything; 0 = the loss of the calls alone, to compare PAG and plain SFT at an equal budget on calls)")
 parser.add_argument("--seq-len", type=int, default=4096, help="tokens per row; longer examples are cut (counted)")
 parser.add_argument("--pack", choices=["auto", "on", "off"], default="auto",
                     help="pack several examples per row (block-diagonal mask) or one per row; auto = on for CUDA, off for CPU")
@@ -94,35 +97,21 @@ parser.add_argument("--compile", action="store_true", help="torch.compile the mo
 # Data: tasks -> conversations -> (ids, mask) examples -> packed rows
 
 
-def conversations(messages, context_mode):
-    """The conversations a rollout of this reference conversation shows the model. full: the whole thing.
-    summary: one per user turn, restarted from the system message and a user message that carries the last
-    <summary>/<plan> written so far (tools.carry_text, the same text tools.Episode builds)."""
-    if context_mode == "full":
-        return [messages]
-    convs, system, summary, plan = [], None, None, None
-    for m in messages:
-        if m["role"] == "system":
-            system = system or m
-        elif m["role"] == "user":
-            content = tools.carry_text(summary, plan, m["content"]) if convs else m["content"]
-            convs.append([system, {"role": "user", "content": content}])
-        else:
-            convs[-1].append(m)
-            if m["role"] == "assistant":  # the same carry rule as Episode
-                summary, plan = tools.carry_next(summary, plan, tools.parse_message(m["content"]))
-    return convs
-
-
-def encode(chat, tasks, context_mode, seq_len):
-    """-> examples [(ids, mask)], number cut to seq_len. Examples with nothing to learn are dropped."""
+def encode(chat, tasks, context_mode, seq_len, awareness_weight=1.0):
+    """-> examples [(ids, weights)], number cut to seq_len. weights: the loss weight of each token as a target,
+    0 off the assistant contents; on them awareness_weight for the <summary>/<plan> tokens and 1 for the rest
+    (calls, replies, end token), and 0 for a message the task lists under "no_loss" (a step verification
+    rejected: its tokens stay as context). Examples with nothing to learn are dropped."""
     examples, cut = [], 0
     for task in tasks:
-        for conv in conversations(task["messages"], context_mode):
-            ids, mask = chat.render(conv, task["tools"])
+        dropped = {id(task["messages"][k]) for k in task.get("no_loss", [])}  # conversations() keeps the objects
+        for conv in tools.conversations(task["messages"], context_mode):
+            ids, mask, owner, head = chat.render_parts(conv, task["tools"], head_chars=tools.awareness_chars)
+            w = [0.0 if not m or id(conv[o]) in dropped else awareness_weight if h else 1.0
+                 for m, o, h in zip(mask, owner, head)]
             cut += len(ids) > seq_len
-            if sum(mask[1:seq_len]):
-                examples.append((ids[:seq_len], mask[:seq_len]))
+            if any(w[1:seq_len]):
+                examples.append((ids[:seq_len], w[:seq_len]))
     return examples, cut
 
 
@@ -143,28 +132,29 @@ def pack(lengths, seq_len):
 
 
 def make_batch(rows, examples, seq_len, pad_id):
-    """Packed rows -> idx, targets, pos, doc, each (B, T). targets[t] = idx[t+1] where that token is an
-    assistant token of the same example, else -100 (no loss); doc = example number within the row (-1 = pad)."""
+    """Packed rows -> idx, targets, weights, pos, doc, each (B, T). targets[t] = idx[t+1] where that token has a
+    loss weight, else -100; weights[t] its weight; doc = example number within the row (-1 = pad)."""
     B, T = len(rows), seq_len
-    idx, tgt = torch.full((B, T), pad_id), torch.full((B, T), -100)
+    idx, tgt, wts = torch.full((B, T), pad_id), torch.full((B, T), -100), torch.zeros(B, T)
     pos, doc = torch.zeros(B, T, dtype=torch.long), torch.full((B, T), -1)
     for b, row in enumerate(rows):
         t = 0
         for j, e in enumerate(row):
-            ids, mask = torch.tensor(examples[e][0]), torch.tensor(examples[e][1])
+            ids, w = torch.tensor(examples[e][0]), torch.tensor(examples[e][1])
             n = len(ids)
             idx[b, t:t + n], pos[b, t:t + n], doc[b, t:t + n] = ids, torch.arange(n), j
-            tgt[b, t:t + n - 1] = torch.where(mask[1:] == 1, ids[1:], -100)  # the last token predicts nothing
+            tgt[b, t:t + n - 1] = torch.where(w[1:] > 0, ids[1:], -100)  # the last token predicts nothing
+            wts[b, t:t + n - 1] = w[1:]
             t += n
-    return idx, tgt, pos, doc
+    return idx, tgt, wts, pos, doc
 
 
 def forward_packed(model, batch, device):
-    """Logits (n, V) and targets (n,) at the n target positions of a packed batch. Rows are cut to the longest
-    row's used length: trailing pads are never seen by a real token (causal), so that is exact."""
-    idx, tgt, pos, doc = batch
+    """Logits (n, V), targets (n,) and weights (n,) at the n target positions of a packed batch. Rows are cut to
+    the longest row's used length: trailing pads are never seen by a real token (causal), so that is exact."""
+    idx, tgt, wts, pos, doc = batch
     T = int((doc >= 0).sum(1).max())
-    idx, tgt, pos, doc = (x[:, :T].to(device) for x in (idx, tgt, pos, doc))
+    idx, tgt, wts, pos, doc = (x[:, :T].to(device) for x in (idx, tgt, wts, pos, doc))
     mask = None  # one example per row: plain causal attention (the fast kernel) is exactly block-diagonal
     if int(doc.max()) > 0:
         # block-diagonal causal: a token sees only earlier tokens of its own example (pads see pads: no NaN rows)
@@ -172,13 +162,13 @@ def forward_packed(model, batch, device):
         mask = (doc.unsqueeze(2) == doc.unsqueeze(1)).unsqueeze(1) & causal  # (B, 1, T, T)
     keep = tgt != -100   # logits only where there is a target: the vocabulary projection of the rest is waste
     with M.autocast(device):
-        return model(idx, pos=pos, mask=mask, logits_at=keep), tgt[keep]  # (n, V) fp32, (n,)
+        return model(idx, pos=pos, mask=mask, logits_at=keep), tgt[keep], wts[keep]  # (n, V) fp32, (n,), (n,)
 
 
 def loss_sum(model, batch, device):
-    """Summed cross-entropy over the target tokens of a packed batch (normalised by the caller)."""
-    logits, tgt = forward_packed(model, batch, device)
-    return F.cross_entropy(logits, tgt, reduction="sum")
+    """Weighted sum of the cross-entropy over the target tokens of a packed batch (normalised by the caller)."""
+    logits, tgt, wts = forward_packed(model, batch, device)
+    return (F.cross_entropy(logits, tgt, reduction="none") * wts).sum()
 
 
 def step_rows(step, n_rows, rows_per_step, seed):
@@ -259,11 +249,11 @@ def main(args):
     # data: render, pack once; every rank does the same work (cheap) so all know every row's target count
     data = {}
     for split, tasks in (("train", train_tasks), ("val", val_tasks)):
-        examples, cut = encode(chat, tasks, args.context_mode, args.seq_len)
+        examples, cut = encode(chat, tasks, args.context_mode, args.seq_len, args.awareness_weight if pa else 1.0)
         if not examples:
             raise SystemExit(f"{args.train if split == 'train' else args.val}: no example has assistant tokens")
         rows = pack([len(ids) for ids, _ in examples], args.seq_len) if packing else [[i] for i in range(len(examples))]
-        targets = [sum(sum(examples[e][1][1:]) for e in row) for row in rows]  # target tokens per row
+        targets = [sum(sum(examples[e][1][1:]) for e in row) for row in rows]  # target weight per row
         tokens = sum(len(ids) for ids, _ in examples)
         data[split] = (examples, rows, targets, [sum(len(examples[e][0]) for e in row) for row in rows])
         M.print0(f"{split}: {len(tasks)} tasks -> {len(examples)} examples ({cut} cut to {args.seq_len}), {tokens:,} tokens "
@@ -330,7 +320,7 @@ def main(args):
                 for i in range(0, len(v_rows), args.device_batch_size):
                     batch = make_batch(v_rows[i:i + args.device_batch_size], v_examples, args.seq_len, pad_id)
                     v_loss += loss_sum(raw_model, batch, device).item()
-                    v_n += int((batch[1] != -100).sum())
+                    v_n += float(batch[2].sum())
             # a model trained from scratch is not evaluated at step 0: it scores 0 after the slowest possible episodes
             skip = step == 0 and args.init_from == "scratch" and not args.resume
             tasks = [] if skip else val_tasks[:args.eval_tasks][ddp_rank::ddp_world_size]
@@ -357,7 +347,7 @@ def main(args):
         # training: grad_accum micro-steps per process, all ranks the same number of forward/backward passes
         t0 = time.time()
         step_r = step_rows(step, len(rows), rows_per_step, args.seed)
-        n_targets = max(1, sum(row_targets[r] for r in step_r))  # target tokens in the whole global batch
+        n_targets = max(1.0, sum(row_targets[r] for r in step_r))  # target weight (tokens) of the global batch
         n_tokens = sum(row_tokens[r] for r in step_r)  # real (non-pad) tokens, for the throughput figure
         # tokens actually computed: each micro-batch is cut to its longest row (forward_packed), the rest is padding
         chunks = [step_r[i:i + args.device_batch_size] for i in range(0, rows_per_step, args.device_batch_size)]
@@ -370,7 +360,7 @@ def main(args):
             sync = not ddp or micro == grad_accum - 1  # gradient all-reduce only on the last micro-step
             with (contextlib.nullcontext() if sync else model.no_sync()):
                 loss = loss_sum(model, batch, device)
-                # divide by the target tokens of the GLOBAL batch (not this micro-batch or rank): the summed
+                # divide by the target weight of the GLOBAL batch (not this micro-batch or rank): the summed
                 # gradient is then the per-token mean over the global batch whatever the micro-batch size
                 # or world size; DDP averages over ranks, hence the * ddp_world_size
                 (loss * ddp_world_size / n_targets).backward()
@@ -386,7 +376,7 @@ def main(args):
         train_time += dt
         eta = train_time / (step + 1 - start_step) * (stop_at - step - 1) / 60
         M.print0(f"step {step + 1:5d}/{args.num_steps} | loss {train_loss:.4f} | lr {lr:.2e} | gnorm {float(gnorm):.3f} "
-                 f"| targets {n_targets:6d} | {dt * 1000:6.0f} ms | {n_tokens / dt:7.0f} tok/s | pad {pad:4.1%} | eta {eta:.1f} min")
+                 f"| targets {n_targets:6.0f} | {dt * 1000:6.0f} ms | {n_tokens / dt:7.0f} tok/s | pad {pad:4.1%} | eta {eta:.1f} min")
         log({"step": step + 1, "loss": train_loss, "lr": lr, "gnorm": float(gnorm), "targets": n_targets, "tokens": n_tokens, "pad": pad, "dt": dt})
     M.cleanup_runtime()
 

@@ -1665,17 +1665,19 @@ def _scalars(x):
 
 
 def awareness_score(summary, plan, facts, names) -> float:
-    """Mean of two fractions: key facts mentioned in the summary (1 if none are needed and a summary was
-    written) and remaining function names mentioned in the plan (1 if none remain and a plan was written).
-    Missing summary/plan scores 0 for its half. Matching ignores case and wants whole tokens: the fact "e1" is
-    not mentioned by "e10", nor the function "send" by "send_message"."""
-    def said(item, text):
-        return re.search(r"(?<![\w])" + re.escape(str(item)) + r"(?![\w])", text, re.IGNORECASE) is not None
+    """Mean of two fractions: key facts mentioned in the summary (1 if none are needed) and remaining function
+    names mentioned in the plan (1 if none remain), names counted with repeats (a plan that names
+    get_balance once for two get_balance calls gets half of them). A missing summary/plan (None) scores 0 for
+    its half; an empty one is a note with nothing to carry. Matching ignores case and wants whole tokens: the
+    fact "e1" is not mentioned by "e10", nor the function "send" by "send_message"."""
+    def count(item, text):
+        return len(re.findall(r"(?<![\w])" + re.escape(str(item)) + r"(?![\w])", text, re.IGNORECASE))
 
     def frac(text, items):
-        if not text:
+        if text is None:
             return 0.0
-        return 1.0 if not items else sum(said(i, text) for i in items) / len(items)
+        want = Counter(items)
+        return 1.0 if not items else sum(min(n, count(i, text)) for i, n in want.items()) / len(items)
     return 0.5 * frac(summary, facts) + 0.5 * frac(plan, names)
 
 
@@ -1712,6 +1714,246 @@ def carry_next(summary, plan, parsed):
     """(summary, plan) a summary-mode turn carries after the parsed message: the last summary and the plan written
     with it; a final reply (summary, no plan) closes the plan."""
     return (parsed.summary or summary, parsed.plan) if parsed.summary or parsed.plan else (summary, plan)
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress awareness, causally: what the next assistant message can know. One definition for the PAG data
+# (gen_data.py writes it), the awareness reward (Episode.step scores against it) and the control policies.
+# It reads only what the assistant has seen: the user turns so far, its own calls and their results so far,
+# and the current request. The current request's ground-truth calls stand for what the request asks for (a
+# model reads that off the request), with one exception that the request does not tell: the recovery of an
+# error (the steps after a turn's expected failing step, spec["fails"]) is unknown until a call has failed.
+
+def has_word(text, s):
+    """s occurs in text as a whole value: "m1" is not in "m101", "100" is not in "1500.0" (str.find: no regex)."""
+    i = text.find(s)
+    while i >= 0:
+        a, b = text[i - 1:i] if i else " ", text[i + len(s):i + len(s) + 2] + "  "
+        if not (a.isalnum() or a in "._@-") and not (b[0].isalnum() or b[0] in "_@-" or (b[0] == "." and b[1].isdigit())):
+            return True
+        i = text.find(s, i + 1)
+    return False
+
+
+def _mentions(text, v):
+    """has_word, also for a value written into JSON (a tool result) with escapes: a newline as \\n."""
+    escaped = json.dumps(v, ensure_ascii=False)[1:-1]
+    return has_word(text, v) or (escaped != v and has_word(text, escaped))
+
+
+def _result_pairs(text):
+    """(key, scalar) pairs of a JSON tool result, innermost key first seen; [] if the text is not JSON."""
+    out = []
+
+    def walk(x, key):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, k)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v, key)
+        elif isinstance(x, (str, int, float)) and not isinstance(x, bool) and key:
+            out.append((key, str(x)))
+    try:
+        walk(json.loads(text), None)
+    except (ValueError, TypeError, RecursionError):
+        pass
+    return out
+
+
+def remaining_steps(spec, rec):
+    """This turn's ground-truth steps not made yet (a step = the calls of one message), as far as can be known
+    now: before any call of the turn has failed, the plan ends at the step expected to fail (spec["fails"]).
+    Calls already made and executed, even with an error result, are matched off as a multiset, in order."""
+    steps = spec["gt"]
+    if spec.get("fails") and not any(e is not None for e in rec["errors"]):
+        steps = steps[:min(spec["fails"]) + 1]
+    made = Counter(_call_key(c) for c, ok in zip(rec["calls"], rec["executed"]) if ok)
+    out = []
+    for step in steps:
+        left = []
+        for c in step:
+            k = _call_key(c)
+            if made[k] > 0:
+                made[k] -= 1
+            else:
+                left.append(c)
+        if left:
+            out.append(left)
+    return out
+
+
+def learned(spec, rec):
+    """(key, value) facts a finished request reports: the referents its task declares (spec["learned"]: what
+    its intents made or found, e.g. a booking id), those the assistant has seen (in its calls, their results or
+    the request)."""
+    seen = rec["results"] + [json.dumps(c["arguments"], ensure_ascii=False) for c in rec["calls"]] + [spec["user"]]
+    return [(k, v) for k, v in spec.get("learned", []) if any(_mentions(t, v) for t in seen)]
+
+
+def expected_progress(ep, final=False):
+    """What the next message of `ep` can know -> dict(done, failed, facts, steps, known, pending, carried):
+    done     names of this turn's calls that succeeded, in order, repeats kept;
+    failed   {name: error} for functions whose latest call this turn failed (until a later call succeeds);
+    steps    remaining_steps(): the plan, [] when the next message is the final reply;
+    facts    [(argument, value)] the remaining steps need that the assistant has in view but the current request
+             does not state: from this turn's successful tool results, or carried from earlier turns (below);
+    known    the referents learned so far (learned()): every finished request's, and for a final reply (final)
+             this one's too, which its summary states. Summary context mode carries only that summary into
+             the next turn, so facts are in view in both context modes."""
+    ti, rec = len(ep.turns) - 1, ep.turns[-1]
+    spec, prev = ep.specs[ti], ep.specs[ti - 1] if ti else {}
+    done, failed = [], {}
+    for c, err in zip(rec["calls"], rec["errors"]):
+        if err is None:
+            done.append(c["name"])
+            failed.pop(c["name"], None)
+        else:
+            failed[c["name"]] = err
+    # a final summary states the referents learned so far (the next turn has them in view: summary context mode
+    # carries exactly that summary). Measured on the default train data: carrying every earlier request's
+    # referents, not only the last one's, costs 3.6 more tokens per final summary (17.7 -> 21.3) and puts 6% more
+    # of the facts the calls need in view (668 -> 707 of them: "the contact you just added" two requests later).
+    known = []  # the referents of every finished request (and of this one, for its final reply), newest last
+    for j in range(ti + 1 if final else ti):
+        new = learned(ep.specs[j], ep.turns[j])
+        known = [kv for kv in known if kv[1] not in {v for _, v in new}] + new
+    steps = remaining_steps(spec, rec)
+    request = spec["user"] + " " + prev.get("pending", "")
+    in_view = [t for t, e in zip(rec["results"], rec["errors"]) if e is None] + [v for _, v in known]
+    facts = []
+    for step in steps:
+        for c in step:
+            for k, v in c["arguments"].items():
+                for x in _scalars(v):
+                    x = str(x)
+                    if len(x) >= 2 and x not in {f for _, f in facts} and not has_word(request, x) \
+                            and any(_mentions(t, x) for t in in_view):
+                        facts.append((k, x))
+    return {"done": done, "failed": failed, "facts": facts, "steps": steps, "known": known,
+            "pending": spec.get("pending"), "carried": prev.get("pending")}
+
+
+def progress_note(ep, final=False):
+    """(summary, plan) text for the next message of `ep` from expected_progress(). A final reply (final) has no
+    plan. Nothing to carry writes an empty summary: no filler."""
+    p, spec = expected_progress(ep, final), ep.specs[len(ep.turns) - 1]
+    said = [f"Request: {p['carried']}."] if p["carried"] else []
+    if final and p["pending"]:
+        said.append(f"Pending: {p['pending']}; " + (f"need {spec['need']}." if spec.get("need") else "no function for it yet."))
+    said += [f"Done: {', '.join(p['done'])}."] if p["done"] else []
+    said += [f"Failed: {'; '.join(f'{n} ({e})' for n, e in p['failed'].items())}."] if p["failed"] else []
+    facts = p["known"] if final else p["facts"]
+    said += ["Known: " + "; ".join(f"{k}={v}" for k, v in facts) + "."] if facts else []
+    plan = None if final else "Next: " + ", then ".join(" and ".join(c["name"] for c in s) for s in p["steps"]) + "."
+    return " ".join(said), plan
+
+
+_VALUE_RE = re.compile(r"[\w./@:-]*\d[\w./@:-]*")
+
+
+def summary_errors(summary, ep):
+    """What a summary written as the next message of `ep` states that is not true (empty list: all true):
+    'Done:' names that no call of this turn succeeded with, 'Failed:' names whose latest call did not fail,
+    'Known:' values and any other value it states (ids, numbers, dates, paths: a token with a digit) that no tool
+    result so far and no user turn so far contains. Free-form notes (an LLM teacher's) are checked by the last rule."""
+    if not summary:
+        return []
+    p, ti = expected_progress(ep), len(ep.turns) - 1
+    seen = [r for t in ep.turns for r in t["results"]] + [ep.specs[j]["user"] for j in range(ti + 1)]
+    bad = []
+    m = re.search(r"Done: (.*?)\.(?: [A-Z][a-z]+:|$)", summary)
+    for n in (m.group(1).split(", ") if m else []):
+        bad += [f"Done: {n} did not succeed"] if n not in p["done"] else []
+    for n in re.findall(r"(?:^|; )(\w+) \(", summary.split("Failed: ", 1)[1]) if "Failed: " in summary else []:
+        bad += [f"Failed: {n} did not fail"] if n not in p["failed"] else []
+    values = [kv.split("=", 1)[-1] for kv in summary.split("Known: ", 1)[1].rstrip(".").split("; ")] \
+        if "Known: " in summary else []
+    values += [v.rstrip(".,;:") for v in _VALUE_RE.findall(summary)]
+    for v in dict.fromkeys(values):
+        bad += [f"{v!r} was never seen"] if v and not any(_mentions(t, v) for t in seen) else []
+    return bad
+
+
+def summary_truth(line) -> dict:
+    """{index of an assistant message in line["messages"]: summary_errors of its summary}, by replaying the
+    reference conversation (gen_data.py's format) through an Episode."""
+    ep, out = Episode(line, pa=True), {}
+    ep.reset()
+    for k, m in enumerate(line["messages"]):
+        if m["role"] == "assistant" and not ep.done:
+            out[k] = summary_errors(parse_message(m["content"]).summary, ep)
+            ep.step(m["content"])
+    return out
+
+
+_HEAD_RE = re.compile(r"\s*<summary>.*?</summary>(\s*<plan>.*?</plan>)?", re.S)
+
+
+def awareness_chars(content) -> int:
+    """Length of an assistant content's leading <summary>...</summary> and <plan>...</plan> (0 if it has none):
+    the progress-awareness tokens that sft.py --awareness-weight scales."""
+    m = _HEAD_RE.match(content or "")
+    return m.end() if m else 0
+
+
+def conversations(messages, context_mode):
+    """The conversations a rollout of this reference conversation shows the model. full: the whole thing.
+    summary: one per user turn, restarted from the system message and a user message that carries the last
+    <summary>/<plan> written so far (carry_text, the text Episode builds). Assistant and tool messages are the
+    reference's own dict objects, so a caller can find them by identity."""
+    if context_mode == "full":
+        return [messages]
+    convs, system, summary, plan = [], None, None, None
+    for m in messages:
+        if m["role"] == "system":
+            system = system or m
+        elif m["role"] == "user":
+            content = carry_text(summary, plan, m["content"]) if convs else m["content"]
+            convs.append([system, {"role": "user", "content": content}])
+        else:
+            convs[-1].append(m)
+            if m["role"] == "assistant":  # the same carry rule as Episode
+                summary, plan = carry_next(summary, plan, parse_message(m["content"]))
+    return convs
+
+
+def annotated_steps(line, context_mode="full"):
+    """Every tool-calling assistant message of a reference conversation (gen_data.py's "messages") as a
+    next-message prompt in the context a rollout and SFT show it in -> list of dicts: index (in messages), turn,
+    step, type (the turn's), context (the messages before it), tools, prefix (its <summary>/<plan> as written,
+    '' without awareness), calls (the reference step) and untrue (summary_errors of its summary)."""
+    pa = "<summary>" in line["messages"][0]["content"]
+    where = {id(m): k for k, m in enumerate(line["messages"])}
+    truth = summary_truth(line) if pa else {}  # each summary against what had happened by then
+    out, ti, si = [], -1, 0
+    for conv in conversations(line["messages"], context_mode):
+        for j, m in enumerate(conv):
+            if m["role"] == "user":
+                ti, si = ti + 1, 0
+            elif m["role"] == "assistant":
+                p = parse_message(m["content"])
+                if p.calls:
+                    prefix = render_message(p.summary, p.plan, []) + "\n" if pa else ""
+                    out.append({"index": where[id(m)], "turn": ti, "step": si, "type": line["turns"][ti]["type"],
+                                "context": conv[:j], "tools": line["tools"], "prefix": prefix, "calls": p.calls,
+                                "untrue": truth.get(where[id(m)], [])})
+                    si += 1
+    return out
+
+
+def compare_calls(got_text, want):
+    """'' when a message's calls equal a reference step (as a multiset), else the reason: "no tool call",
+    "wrong function(s): ..." or "wrong arguments: ..."."""
+    got = parse_message(got_text).calls
+    key = lambda cs: Counter(_call_key(c) for c in cs)  # noqa: E731
+    if not got:
+        return "no tool call"
+    if sorted(c["name"] for c in got) != sorted(c["name"] for c in want):
+        return f"wrong function(s): got {[c['name'] for c in got]}, want {[c['name'] for c in want]}"
+    if key(got) != key(want):
+        return f"wrong arguments: got {[c['arguments'] for c in got]}, want {[c['arguments'] for c in want]}"
+    return ""
 
 
 def read_tasks(path, need=("envs", "turns")) -> list:
@@ -1809,7 +2051,8 @@ class Episode:
             content = carry_text(self.last_summary, self.last_plan, content)
         self.turns.append({"user": content, "type": spec.get("type", "normal"), "calls": [], "results": [],
                            "errors": [], "executed": [], "step_calls": [], "steps": 0, "format_ok": [], "passed": None,
-                           "reason": "", "state_changing": 0, "gt_results": [], "step_failed": False})
+                           "reason": "", "state_changing": 0, "gt_results": [], "step_failed": False,
+                           "step_errors": []})
         return {"role": "user", "content": content}
 
     def _docs(self, schemas, hint=True):
@@ -1839,26 +2082,10 @@ class Episode:
         return msgs
 
     def progress_targets(self):
-        """(facts, names) the next tool-calling message should show: facts = values from the model's
-        results so far that appear as arguments of the not-yet-made gt calls of this turn; names =
-        those calls' function names. Used for the awareness reward and by the programmatic teacher."""
-        rec = self.turns[-1]
-        done = Counter(_call_key(c) for c, ok in zip(rec["calls"], rec["executed"]) if ok)
-        remaining = []
-        for c in (c for step in self.specs[len(self.turns) - 1]["gt"] for c in step):
-            k = _call_key(c)
-            if done[k] > 0:
-                done[k] -= 1
-            else:
-                remaining.append(c)
-        facts, names = [], []
-        for c in remaining:
-            names += [c["name"]] if c["name"] not in names else []
-            for v in _scalars(c["arguments"]):
-                s = str(v)
-                if len(s) >= 2 and s not in facts and any(s in r for r in self.model_results):
-                    facts.append(s)
-        return facts, names
+        """(facts, names) the next tool-calling message should show: the values and the planned function names
+        (repeats kept) of expected_progress(), the causal definition the PAG data is written with."""
+        p = expected_progress(self)
+        return [v for _, v in p["facts"]], [c["name"] for s in p["steps"] for c in s]
 
     def _execute(self, call, rec):
         # BFCL mode mirrors BFCL's executor: held-out functions still run if called (its miss_func_49
@@ -1916,6 +2143,7 @@ class Episode:
             self.num_calls += 1
             msgs.append(self._execute(call, rec))
         rec["step_failed"] = bool(call_errors) or any(e is not None for e in rec["errors"][n_before:])
+        rec["step_errors"].append(rec["step_failed"])
         if rec["steps"] > self.max_steps_per_turn:
             return self._force(f"more than {self.max_steps_per_turn} steps in one turn")
         self.messages += msgs
@@ -1989,8 +2217,9 @@ class Episode:
 
 
 def replay(task, calls_per_turn, pa=True, final="Done.", **episode_kwargs) -> Episode:
-    """Drive an Episode with given calls (list[turn][step][call]); with pa, each message carries the
-    programmatic summary/plan (progress_targets). Used by tests, gen_data.py, and the BFCL replay."""
+    """Drive an Episode with given calls (list[turn][step][call]); with pa, each message carries the causal
+    summary/plan of progress_note (a plan that names the calls when the ground truth has none left).
+    Used by tests, gen_data.py, and the BFCL replay."""
     ep = Episode(task, pa=pa, **episode_kwargs)
     ep.reset()
     for steps in calls_per_turn:
@@ -1999,14 +2228,13 @@ def replay(task, calls_per_turn, pa=True, final="Done.", **episode_kwargs) -> Ep
         for calls in steps:
             summary = plan = None
             if pa:
-                facts, names = ep.progress_targets()
-                summary = "Known: " + ", ".join(facts) if facts else "Working on the request."
-                plan = "Next: " + ", ".join(names or [c["name"] for c in calls])
+                summary, plan = progress_note(ep)
+                plan = plan if plan != "Next: ." else "Next: " + ", ".join(c["name"] for c in calls) + "."
             ep.step(render_message(summary, plan, calls))
             if ep.done:
                 break
         if not ep.done:
-            ep.step(render_message("Request handled." if pa else None, None, [], final))
+            ep.step(render_message(progress_note(ep, final=True)[0] if pa else None, None, [], final))
     return ep
 
 

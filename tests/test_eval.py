@@ -347,3 +347,43 @@ def test_default_out_file_names_the_data_file(data, tmp_path, monkeypatch):
         E.main(E.parser.parse_args(["--data", path, "--policy", "oracle", "--limit", "2", "--device", "cpu"]))
     made = sorted(os.listdir(tmp_path / "out" / "eval"))
     assert made == ["test-oracle-paon-full.json", "val-oracle-paon-full.json"], made   # val did not overwrite test
+
+
+def test_teacher_forced_next_call_accuracy(tiny_ckpt, tmp_path, monkeypatch):
+    # one record per reference step that calls tools; a model that writes the reference calls scores 100%, one that
+    # gets the arguments wrong keeps the function score; the tiny random model runs through the real sampler
+    lines = []
+    for t in synthetic_tasks():
+        ep = tools.replay(t, tools.ground_truth_calls(t))
+        lines.append(dict(t, messages=ep.messages, tools=ep.tools))
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    n_steps = sum(len(tools.annotated_steps(x)) for x in lines)
+    r = run(tmp_path, "--data", str(data), "--ckpt", tiny_ckpt, "--teacher-forced", *MODEL_FLAGS)
+    assert r["mode"] == "teacher_forced" and r["summary"]["steps"] == n_steps == len(r["records"]) > 10
+    assert set(r["by_type"]) <= set(tools.TURN_TYPES) and "teacher-forced" in r["setting"]
+    gt = {json.dumps([m["content"] for m in st["context"]]): st["calls"] for x in lines for st in tools.annotated_steps(x)}
+
+    def perfect(model, chat, items, *a, **k):
+        return [tools.render_message("", "Next: x.", gt[json.dumps([m["content"] for m in msgs])]) for msgs, _, _ in items]
+
+    def wrong_args(model, chat, items, *a, **k):
+        return [tools.render_message(None, None, [dict(c, arguments={"zz": 1}) for c in gt[json.dumps([m["content"] for m in msgs])]])
+                for msgs, _, _ in items]
+    monkeypatch.setattr(M, "complete", perfect)
+    good = run(tmp_path, "--data", str(data), "--ckpt", tiny_ckpt, "--teacher-forced", *MODEL_FLAGS)
+    assert good["summary"]["exact"] == good["summary"]["function"] == 1.0
+    monkeypatch.setattr(M, "complete", wrong_args)
+    bad = run(tmp_path, "--data", str(data), "--ckpt", tiny_ckpt, "--teacher-forced", *MODEL_FLAGS)
+    assert bad["summary"]["exact"] == 0.0 and bad["summary"]["function"] == 1.0
+    paths = []
+    for name, res in (("a", good), ("b", bad)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(res, f)
+    out = E.compare(*paths)   # paired by step
+    assert f"only by A {n_steps}, only by B 0" in out
+    plain = tmp_path / "plain.jsonl"  # tasks without reference messages (an rl.jsonl) cannot be teacher-forced
+    plain.write_text("".join(json.dumps(t) + "\n" for t in synthetic_tasks()))
+    with pytest.raises(SystemExit, match="reference messages"):
+        run(tmp_path, "--data", str(plain), "--ckpt", tiny_ckpt, "--teacher-forced", *MODEL_FLAGS)

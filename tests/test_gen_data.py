@@ -1,5 +1,6 @@
 """gen_data.py: determinism, replay of every trajectory, summaries carry the facts, variant shapes, no split
-leakage, verification drops a broken summary, augmentation stays replayable, bad args leave nothing behind."""
+leakage, causal awareness (cut at any step, the same note), true summaries, verification step by step, augmentation
+stays replayable, bad args leave nothing behind."""
 import copy
 import json
 import os
@@ -92,39 +93,146 @@ def test_every_reference_trajectory_replays_with_full_reward(data):
     assert n > 200
 
 
-def test_summaries_carry_the_facts_later_turns_need(data):
-    # a value a later turn needs that came from a tool result (and is not in that turn's request) must be in the
-    # summary that ends the turn where it was learned, and in every summary until it is used: summary context
-    # mode carries only that summary into the next turn
+def notes(task):
+    """{(turn, step): (summary, plan)} of the reference trajectory gen_data writes for a task."""
+    ep = G.trajectory({k: v for k, v in task.items() if k not in ("messages", "tools", "no_loss")}, True)
+    out, ti, si = {}, -1, 0
+    for m in ep.messages:
+        if m["role"] == "user":
+            ti, si = ti + 1, 0
+        elif m["role"] == "assistant":
+            p = tools.parse_message(m["content"])
+            out[(ti, si)] = (p.summary, p.plan)
+            si += 1
+    return out
+
+
+def cut(task, ti, si):
+    """The task as the assistant knows it when it writes step si of turn ti: no later turns; the current turn's
+    reply unknown unless this is it; and before the turn's expected failure, no recovery steps."""
+    t = copy.deepcopy({k: v for k, v in task.items() if k not in ("messages", "tools", "no_loss")})
+    t["turns"] = t["turns"][:ti + 1]
+    cur = t["turns"][ti]
+    n = len(cur["gt"])
+    if cur.get("fails") and not any(f < si for f in cur["fails"]):
+        cur["gt"] = cur["gt"][:min(cur["fails"]) + 1]
+    if si < n:
+        cur["reply"] = "(not written yet)"
+    return t
+
+
+def test_awareness_is_causal(data):
+    # the mechanical proof: every summary and plan is the same when the task is cut at that step, so it is a
+    # function of what the assistant has seen (and of the request it is working on) only
     splits, _ = data
-    checked = 0
-    for line in splits["train"] + splits["test"]:
-        if line["tags"].get("augment") or "<summary>" not in line["messages"][0]["content"]:
+    checked, recover = 0, 0
+    for line in [t for t in splits["train"] + splits["test"] if not t["tags"].get("augment")]:
+        full = notes(line)
+        for (ti, si), note in full.items():
+            assert notes(cut(line, ti, si))[(ti, si)] == note, (line["id"], ti, si, note)
+            checked += 1
+            recover += bool(line["turns"][ti].get("fails"))
+    assert checked > 500 and recover > 20
+
+
+def test_the_plan_is_remade_after_an_error(data):
+    # before the error the plan ends at the failing call; after it the plan names the recovery, and the summary
+    # says what failed (with the error) instead of listing it as done
+    splits, _ = data
+    seen = 0
+    for line in splits["train"] + splits["val"] + splits["test"]:
+        if line["tags"].get("augment"):
             continue
-        turn, results, finals = -1, [], {}
+        full = notes(line)
+        for ti, t in enumerate(line["turns"]):
+            if not t.get("fails"):
+                continue
+            f = t["fails"][0]
+            names = lambda steps: ", then ".join(" and ".join(c["name"] for c in s) for s in steps)  # noqa: E731
+            assert full[(ti, 0)][1] == f"Next: {names(t['gt'][:f + 1])}.", (line["id"], full[(ti, 0)])
+            summary, plan = full[(ti, f + 1)]
+            assert plan == f"Next: {names(t['gt'][f + 1:])}." and "Failed: " + t["gt"][f][0]["name"] + " (" in summary
+            assert "Done: " not in summary or t["gt"][f][0]["name"] not in summary.split("Done: ")[1].split(".")[0]
+            seen += 1
+    assert seen >= 10
+
+
+def test_known_facts_are_in_view_and_not_in_the_request(data):
+    # a "Known:" value at a call step is in the assistant's view in both context modes (this turn's tool results
+    # or the summary carried from the last turn), and the current request does not state it already
+    splits, _ = data
+    facts = 0
+    for line in splits["train"] + splits["test"]:
+        if line["tags"].get("augment"):
+            continue
+        carried, view, request, last, ti = "", [], "", "", -1
         for m in line["messages"][1:]:
             if m["role"] == "user":
-                turn += 1
+                ti += 1
+                carried, view, request = last, [], m["content"] + " " + (line["turns"][ti - 1].get("pending", "") if ti else "")
             elif m["role"] == "tool":
-                results.append(m["content"])
-            elif not tools.parse_message(m["content"]).calls:
-                finals[turn] = (tools.parse_message(m["content"]).summary, list(results))
-        for i, (summary, seen) in finals.items():
-            for j in range(i + 1, len(line["turns"])):
-                for s in line["turns"][j]["gt"]:
-                    for c in s:
-                        for v in map(str, tools._scalars(c["arguments"])):
-                            quoted = json.dumps(v)
-                            if len(v) >= 2 and any(quoted in r for r in seen) and not G.has_word(line["turns"][j]["user"], v):
-                                assert v in summary, (line["id"], i, j, v, summary)
-                                checked += 1
-    assert checked > 20
+                view.append(m["content"])
+            else:
+                p = tools.parse_message(m["content"])
+                for v in G.known_values(p.summary) if p.calls else []:
+                    assert any(tools.has_word(x, v) for x in view + [carried]), (line["id"], v, p.summary)
+                    assert not tools.has_word(request, v), (line["id"], v, request)
+                    facts += 1
+                last = p.summary
+    assert facts > 100
+
+
+def test_every_summary_is_true(data):
+    splits, _ = data
+    for line in splits["train"] + splits["val"] + splits["test"]:
+        if "schema_renames" not in line["tags"]:
+            assert not any(tools.summary_truth(line).values()), (line["id"], tools.summary_truth(line))
+    # and the check bites: a made-up value, a failed call listed as done, a call that did not fail listed as failed
+    line = next(t for t in splits["train"] if any(x.get("fails") for x in t["turns"]) and not t["tags"].get("augment"))
+    k, m = next((k, m) for k, m in enumerate(line["messages"]) if m["role"] == "assistant" and "Failed: " in m["content"])
+    p = tools.parse_message(m["content"])
+    name = p.summary.split("Failed: ")[1].split(" (")[0]
+    for bad in (p.summary + " Known: id=zz9999.", f"Done: {name}.", "Failed: nothing_failed (no error).",
+                "The booking is BK0000001."):
+        msgs = list(line["messages"])
+        msgs[k] = dict(m, content=tools.render_message(bad, p.plan, p.calls))
+        assert tools.summary_truth(dict(line, messages=msgs))[k], bad
+
+
+def test_failed_calls_are_failed_not_done(data):
+    """After a call returns an error its summary says Failed (with the error), not Done, until the function is
+    called again and succeeds."""
+    splits, _ = data
+    changed = 0
+    for line in splits["train"] + splits["val"] + splits["test"]:
+        failing = {}  # function -> its latest error, within the turn
+        for m in line["messages"]:
+            if m["role"] == "user":
+                failing = {}
+            elif m["role"] == "tool":
+                body = json.loads(m["content"])  # a call the tool world rejects, or one its function fails
+                err = body.get("error") or (body["result"].get("error") if isinstance(body["result"], dict) else None)
+                failing.pop(body["name"], None)
+                failing.update({body["name"]: err} if err else {})
+            elif m["role"] == "assistant" and "<summary>Pending" not in m["content"]:
+                summary = tools.parse_message(m["content"]).summary
+                done = re.search(r"Done: ([^.]*)\.", summary)
+                for name, err in failing.items():
+                    assert f"{name} ({err})" in summary.split("Failed: ")[1], (line["id"], summary)
+                    assert not done or name not in done.group(1).split(", "), (line["id"], summary)
+                    changed += 1
+                assert ("Failed: " in summary) == bool(failing), (line["id"], summary)
+    assert changed >= 5
+    ep = tools.Episode(splits["train"][0], pa=True)  # the per-call error record, for an invalid call too
+    ep.reset()
+    ep.step('<summary></summary><plan>Next: x.</plan><tool_call>{"name": "nope", "arguments": {}}</tool_call>')
+    assert ep.turns[0]["errors"] == ["unknown function 'nope'"], ep.turns[0]["errors"]
 
 
 def test_has_word():
-    assert G.has_word('{"id":"m1"}', "m1") and not G.has_word('{"id":"m101"}', "m1")
-    assert G.has_word("80 percent.", "80") and G.has_word("pay 80", "80") and G.has_word("80", "80")
-    assert not G.has_word("balance 1500.0", "100") and G.has_word("pay 100 now", "100") and not G.has_word("12.5", "12")
+    assert tools.has_word('{"id":"m1"}', "m1") and not tools.has_word('{"id":"m101"}', "m1")
+    assert tools.has_word("80 percent.", "80") and tools.has_word("pay 80", "80") and tools.has_word("80", "80")
+    assert not tools.has_word("balance 1500.0", "100") and tools.has_word("pay 100 now", "100") and not tools.has_word("12.5", "12")
 
 
 def test_variant_shapes(data):
@@ -139,7 +247,7 @@ def test_variant_shapes(data):
                 nxt = turns[i + 1]
                 assert t["gt"] == [] and nxt["gt"] and nxt["type"] == "normal"
                 supplied = [v for s in nxt["gt"] for c in s for v in map(str, tools._scalars(c["arguments"]))
-                            if G.has_word(nxt["user"], v) and v not in {w.strip(".,?!'") for w in t["user"].split()}]
+                            if tools.has_word(nxt["user"], v) and v not in {w.strip(".,?!'") for w in t["user"].split()}]
                 assert supplied, (line["id"], t["user"], nxt["user"])  # the next turn gives the missing value
                 assert not any(m["role"] == "tool" for m in msgs)  # the reference asks instead of calling
             elif t["type"] == "miss_func":
@@ -158,43 +266,6 @@ def test_variant_shapes(data):
                 assert failed[0] in [c["name"] for s in t["gt"][1:] for c in s]  # ... and is made again, corrected
             seen.add(t["type"])
     assert seen == set(tools.TURN_TYPES)
-
-
-def test_failed_summaries(data):
-    """--failed-summaries: after a call returns an error its summary says Failed (with the error), not Done, until
-    the function is called again and succeeds; episodes without an error are unchanged."""
-    splits, _ = data
-    changed = 0
-    for line in splits["train"] + splits["val"] + splits["test"]:
-        if "schema_renames" in line["tags"]:
-            continue
-        task = {k: v for k, v in line.items() if k not in ("messages", "tools")}
-        new, why = G.sft_line(task, True, failed=True)
-        assert new is not None, why  # still replays with full reward and awareness
-        has_error = any(m["role"] == "tool" and '"error"' in m["content"] for m in line["messages"])
-        assert (new["messages"] != line["messages"]) == has_error, line["id"]
-        changed += has_error
-        failing = {}  # function -> its latest error, within the turn
-        for m in new["messages"]:
-            if m["role"] == "user":
-                failing = {}
-            elif m["role"] == "tool":
-                body = json.loads(m["content"])  # a call the tool world rejects, or one its function fails
-                err = body.get("error") or (body["result"].get("error") if isinstance(body["result"], dict) else None)
-                failing.pop(body["name"], None)
-                failing.update({body["name"]: err} if err else {})
-            elif m["role"] == "assistant" and "<summary>Pending" not in m["content"]:
-                summary = tools.parse_message(m["content"]).summary
-                done = re.search(r"Done: ([^.]*)\.", summary)
-                for name, err in failing.items():
-                    assert f"{name} ({err})" in summary.split("Failed: ")[1], (line["id"], summary)
-                    assert not done or name not in done.group(1).split(", "), (line["id"], summary)
-                assert ("Failed: " in summary) == bool(failing), (line["id"], summary)
-    assert changed >= 5
-    ep = tools.Episode(splits["train"][0], pa=True)  # the per-call error record, for an invalid call too
-    ep.reset()
-    ep.step('<summary>New request.</summary><plan>Next: x.</plan><tool_call>{"name": "nope", "arguments": {}}</tool_call>')
-    assert ep.turns[0]["errors"] == ["unknown function 'nope'"], ep.turns[0]["errors"]
 
 
 def turn_messages(line, i):
@@ -251,88 +322,118 @@ def test_augmented_copies(data):
             assert [x["user"] for x in t["turns"]] != [x["user"] for x in orig["turns"]]
 
 
+ORACLE_GT = {}
+
+
+def shown_key(messages, prefix):
+    return json.dumps([m["content"] for m in messages]) + prefix
+
+
 def oracle(contexts):
-    """A fake model that makes a step's ground-truth calls iff every value they need (>= 2 characters) is in what
-    it was shown (summary + plan + request), else calls with '?' in place of the missing values."""
+    """A fake model that completes a step's forced <summary>/<plan> with the step's reference calls iff every
+    value they need (>= 2 characters) is in what it was shown (the context and the forced prefix), else with '?'
+    in place of the missing values."""
     out = []
-    for msgs, _ in contexts:
-        shown = msgs[-1]["content"]
-        calls = ORACLE_GT[shown]
+    for msgs, _, prefix in contexts:
+        shown = " ".join(m["content"] for m in msgs) + prefix
+        calls = ORACLE_GT[shown_key(msgs, prefix)]
         inferable = lambda f, k, v: len(str(v)) < 2 or not isinstance(v, (str, int, float)) or "enum" in \
             tools.SCHEMAS[f]["function"]["parameters"]["properties"][k]  # noqa: E731  ("get me 3 shares": side=buy)
         fixed = [{"name": c["name"], "arguments": {k: v if inferable(c["name"], k, v) or str(v) in shown else "?"
                                                    for k, v in c["arguments"].items()}} for c in calls]
-        out.append(tools.render_message("s", "p", fixed))
+        out.append(prefix + tools.render_message(None, None, fixed))
     return out
 
 
-ORACLE_GT = {}
-
-
-def test_verification_drops_a_broken_summary(data):
-    splits, _ = data
-    lines = [t for t in splits["train"] if not t["tags"].get("augment")][:60]
+def learn_oracle(lines, mode):
     for line in lines:
-        for _, _, ctx, _, calls in G.annotated_steps(line):
-            ORACLE_GT[ctx[-1]["content"]] = calls
-    kept, dropped, n, ok = G.verify(lines, oracle)
-    assert len(kept) == len(lines) and dropped == [] and ok == n > 60  # exact summaries are sufficient
-    # break one summary: drop its "Known:" facts from a step that needs one
-    broken = copy.deepcopy(lines)
-    target = None
-    for line in broken:
-        for m in line["messages"]:
-            p = tools.parse_message(m["content"]) if m["role"] == "assistant" else None
-            if p and p.calls and "Known:" in p.summary and any(
-                    v in p.summary.split("Known:")[1] and v not in turn_user(line, m) for c in p.calls
-                    for v in map(str, tools._scalars(c["arguments"])) if len(v) >= 2):
-                m["content"] = tools.render_message(p.summary.split(" Known:")[0], p.plan, p.calls)
-                target = line["id"]
-                break
+        for st in tools.annotated_steps(line, mode):
+            ORACLE_GT[shown_key(st["context"], st["prefix"])] = st["calls"]
+
+
+def test_verification_step_by_step_in_the_training_context(data):
+    splits, _ = data
+    lines = [t for t in splits["train"] if not t["tags"].get("augment")][:80]
+    for mode in ("full", "summary"):  # exact notes are sufficient in either context
+        learn_oracle(lines, mode)
+        out, rejected, table = G.verify(lines, oracle, mode)
+        assert out == lines and rejected == [] and sum(v["steps"] for v in table.values()) > 80
+        assert all(v["passed"] == v["steps"] for v in table.values())
+    # break a fact that only the carried summary holds: drop "Known:" from the last turn's final summary and from
+    # the step's own summary. Summary mode now cannot make the call; full mode still sees the history.
+    broken, target = copy.deepcopy(lines), None
+    for li, line in enumerate(broken):
+        final, view = None, []
+        for k, m in enumerate(line["messages"]):
+            if m["role"] == "user":
+                view = []
+            elif m["role"] == "tool":
+                view.append(m["content"])
+            elif m["role"] == "assistant":
+                p = tools.parse_message(m["content"])
+                hidden = [v for v in G.known_values(p.summary) if not any(tools.has_word(x, v) for x in view)]
+                if p.calls and final is not None and hidden:
+                    for j in (final, k):
+                        q = tools.parse_message(line["messages"][j]["content"])
+                        line["messages"][j] = dict(line["messages"][j], content=tools.render_message(
+                            re.split(r" ?Known: ", q.summary)[0], q.plan, q.calls, q.content))
+                    target = (li, k)
+                    break
+                final = k if not p.calls else final
         if target:
             break
     assert target
-    for line in broken:
-        for _, _, ctx, _, calls in G.annotated_steps(line):
-            ORACLE_GT.setdefault(ctx[-1]["content"], calls)
-    kept, dropped, n2, ok2 = G.verify(broken, oracle)
-    assert [d["id"] for d in dropped] == [target] and dropped[0]["reason"].startswith("wrong arguments")
-    assert len(kept) == len(lines) - 1 and ok2 == n2 - 1
-
-
-def turn_user(line, msg):
-    """The user message of the turn `msg` belongs to."""
-    user = None
-    for m in line["messages"]:
-        if m["role"] == "user":
-            user = m["content"]
-        if m is msg:
-            return user
+    for mode, fails in (("summary", True), ("full", False)):
+        learn_oracle(broken, mode)
+        out, rejected, table = G.verify(broken, oracle, mode)
+        assert (target[1] in out[target[0]].get("no_loss", [])) == fails, mode
+        assert len(out) == len(broken) and all(r["reason"].startswith("wrong arguments") for r in rejected)
+        assert len(rejected) >= fails and sum(v["steps"] - v["passed"] for v in table.values()) == len(rejected)
+    # a summary that states something untrue is rejected whatever the model writes
+    lie = copy.deepcopy(lines[:1])
+    k = next(k for k, m in enumerate(lie[0]["messages"]) if m["role"] == "assistant" and tools.parse_message(m["content"]).calls)
+    p = tools.parse_message(lie[0]["messages"][k]["content"])
+    lie[0]["messages"][k]["content"] = tools.render_message((p.summary + " Known: id=zz404.").strip(), p.plan, p.calls)
+    learn_oracle(lie, "full")
+    out, rejected, _ = G.verify(lie, oracle, "full")
+    assert out[0]["no_loss"] == [k] and rejected[0]["reason"].startswith("untrue summary")
 
 
 def test_compare_calls():
     want = [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]
-    assert G.compare_calls(tools.render_message("s", "p", want[::-1]), want) == ""
-    assert G.compare_calls("<summary>s</summary>no calls", want) == "no tool call"
-    assert G.compare_calls(tools.render_message("s", "p", want[:1]), want).startswith("wrong function")
-    assert G.compare_calls(tools.render_message("s", "p", [{"name": "f", "arguments": {"a": 2}}, want[1]]), want).startswith("wrong arguments")
+    assert tools.compare_calls(tools.render_message("s", "p", want[::-1]), want) == ""
+    assert tools.compare_calls("<summary>s</summary>no calls", want) == "no tool call"
+    assert tools.compare_calls(tools.render_message("s", "p", want[:1]), want).startswith("wrong function")
+    assert tools.compare_calls(tools.render_message("s", "p", [{"name": "f", "arguments": {"a": 2}}, want[1]]), want).startswith("wrong arguments")
 
 
 def test_verify_with_a_real_tiny_model(data, tmp_path):
-    # the model path end to end: save a tiny random model, verify a few lines with it (it fails: random weights)
+    # the model path end to end: save a tiny random model, then gen_data.py --verify-with it. A random model fails
+    # the steps: they stay in train.jsonl under "no_loss", no episode is dropped, stats.json counts them by type
     import torch  # noqa: F401
     import model as M
     splits, _ = data
-    lines = splits["train"][:2]
+    lines = splits["train"][:8]
     texts = [m["content"] for t in lines for m in t["messages"]]
     tok = M.train_tokenizer(texts, 300)
     cfg = M.tiny_config(len(tok), dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64, max_seq_len=4096,
                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
     M.save_model(M.Transformer(cfg).init_weights(0), tok, str(tmp_path / "ckpt"))
     gen = G.model_generator(str(tmp_path / "ckpt"), "cpu", max_new_tokens=8, max_len=4096, batch_size=4)
-    kept, dropped, n, ok = G.verify(lines, gen)
-    assert n == sum(len(G.annotated_steps(x)) for x in lines) and ok + len(dropped) == n
-    assert all(d["reason"] for d in dropped)
+    replies = gen([(st["context"], st["tools"], st["prefix"]) for st in tools.annotated_steps(lines[0])])
+    assert all(r.startswith(st["prefix"]) for r, st in zip(replies, tools.annotated_steps(lines[0])))
+    args = ["--num-episodes", "40", "--num-rl", "4", "--stats-sample", "10", "--stats-vocab-size", "300"]
+    out, st = G.main(args + ["--verify-with", str(tmp_path / "ckpt"), "--verify-max-new-tokens", "8", "--out-dir", str(tmp_path / "d")])
+    plain, _ = G.main(args + ["--out-dir", str(tmp_path / "e")])
+    assert [t["id"] for t in out["train"]] == [t["id"] for t in plain["train"]]
+    v = st["verification"]
+    n = sum(len(tools.annotated_steps(t)) for t in plain["train"] if not t["tags"].get("augment"))
+    assert sum(x["steps"] for x in v.values()) == n and set(v) <= set(tools.TURN_TYPES)
+    assert sum(len(t.get("no_loss", [])) for t in out["train"] if not t["tags"].get("augment")) == \
+        n - sum(x["passed"] for x in v.values()) > 0
+    for t in out["train"]:  # an augmented copy has the same steps, so it keeps its original's verdicts
+        assert t.get("no_loss") == next(o for o in out["train"] if o["id"] == t["id"].rsplit("-", 1)[0]).get("no_loss") \
+            if t["tags"].get("augment") else True
 
 
 def run_cli(*args, cwd=ROOT):
@@ -342,8 +443,7 @@ def run_cli(*args, cwd=ROOT):
 @pytest.mark.parametrize("args, msg", [(["--val-frac", "2"], "--val-frac"), (["--max-turns", "9"], "--max-turns"),
                                        (["--held-out-pairs", "nope+ls"], "--held-out-pairs"),
                                        (["--verify-with", "/nonexistent/ckpt"], "no such checkpoint"),
-                                       (["--pa", "none", "--teacher", "."], "need --pa programmatic"),
-                                       (["--pa", "none", "--failed-summaries"], "--failed-summaries needs summaries")])
+                                       (["--pa", "none", "--teacher", "."], "need --pa programmatic")])
 def test_bad_args_fail_clearly_and_write_nothing(tmp_path, args, msg):
     out = tmp_path / "out"
     p = run_cli(*args, "--out-dir", str(out), "--num-episodes", "20")
@@ -396,11 +496,12 @@ def test_bfcl_source_split_by_entry_id(tmp_path):
 def test_teacher_rewrites_are_kept_only_if_the_facts_survive(data):
     splits, _ = data
     lines = [t for t in splits["train"] if not t["tags"].get("augment")][:20]
-    n = sum(m["role"] == "assistant" for x in lines for m in x["messages"])
-    echo = lambda ctxs: ["In short: " + m[-1]["content"] for m, _ in ctxs]  # noqa: E731  (a faithful teacher)
+    n = sum(m["role"] == "assistant" and bool(tools.parse_message(m["content"]).summary) for x in lines for m in x["messages"])
+    echo = lambda ctxs: ["In short: " + m[-1]["content"] for m, _, *rest in ctxs]  # noqa: E731  (a faithful teacher)
     out, kept, asked = G.teacher_rewrite(lines, True, echo)
     assert kept == asked == n and [x["id"] for x in out] == [x["id"] for x in lines]
-    assert all(m["content"].startswith("<summary>In short: ") for x in out for m in x["messages"] if m["role"] == "assistant")
+    assert all(m["content"].startswith(("<summary>In short: ", "<summary></summary>")) for x in out for m in x["messages"]
+               if m["role"] == "assistant")
     lossy = lambda ctxs: ["Some progress was made." for _ in ctxs]  # noqa: E731  (drops every fact)
     out, kept, asked = G.teacher_rewrite(lines, True, lossy)
     with_facts = sum(bool(G.known_values(tools.parse_message(m["content"]).summary)) for x in lines for m in x["messages"]
@@ -410,6 +511,9 @@ def test_teacher_rewrites_are_kept_only_if_the_facts_survive(data):
         for a, b in zip(x["messages"], y["messages"]):
             if a["role"] == "assistant" and G.known_values(tools.parse_message(b["content"]).summary):
                 assert a == b
+    liar = lambda ctxs: [m[-1]["content"] + " Order o999999 is booked." for m, _, *rest in ctxs]  # noqa: E731
+    out, kept, asked = G.teacher_rewrite(lines, True, liar)
+    assert kept == 0 and out == lines  # a rewrite that adds an untrue value is not used
 
 
 def test_every_intent_declares_its_functions():

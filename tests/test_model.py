@@ -337,7 +337,18 @@ def test_incremental_rendering_equals_full(tok, own_template):
     msgs, tools = conversation(), FakeEpisode.tools
     ids, mask = chat.render(msgs, tools)
     assert ids == chat.encode(chat.text(msgs, tools))          # the pieces tokenise like the whole text
-    assert (ids, mask) == chat._render_slow(msgs, tools)       # one-pass rendering == prefix by prefix
+    assert chat.render_parts(msgs, tools) == chat._render_slow(msgs, tools)  # one-pass rendering == prefix by prefix
+    head = lambda c: max(0, c.find(" "))  # noqa: E731  (any split of a content: the loss-weighting head)
+    parts = chat.render_parts(msgs, tools, head_chars=head)
+    assert parts == chat._render_slow(msgs, tools, head_chars=head) and parts[0] == ids and parts[1] == mask
+    for k, m in enumerate(msgs):  # the head tokens of each assistant content decode to its first word
+        if m["role"] == "assistant":
+            first = [i for i, o, h in zip(parts[0], parts[2], parts[3]) if o == k and h]
+            want = m["content"][:head(m["content"])]  # a token that straddles the split belongs to the head
+            if want:
+                assert chat.decode(first).startswith(want) and len(chat.decode(first[:-1])) < len(want)
+            else:
+                assert first == []
     # mask: exactly the assistant contents and their end tokens
     want = "".join(m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant")
     assert chat.decode([i for i, k in zip(ids, mask) if k]) == want

@@ -52,12 +52,12 @@ def test_summary_conversations_match_summary_mode_episode():
                 cur = []
                 want.append(cur)
             cur.append(m)
-        got = sft.conversations(task["messages"], "summary")
+        got = tools.conversations(task["messages"], "summary")
         assert len(got) == 3 and got == want
         assert "<summary>" in got[1][1]["content"] if pa else "<summary></summary>" in got[1][1]["content"]
         # the previous turn ended with a final reply (summary, no plan): its finished plan is not carried
         assert "<plan>" not in got[1][1]["content"]
-    assert sft.conversations(task["messages"], "full") == [task["messages"]]
+    assert tools.conversations(task["messages"], "full") == [task["messages"]]
 
 
 def test_loss_targets_are_exactly_the_assistant_tokens(tasks, chat):
@@ -65,7 +65,8 @@ def test_loss_targets_are_exactly_the_assistant_tokens(tasks, chat):
         examples, cut = sft.encode(chat, tasks, mode, 4096)
         assert cut == 0
         rows = sft.pack([len(e[0]) for e in examples], 1024)
-        idx, tgt, pos, doc = sft.make_batch(rows, examples, 1024, 0)
+        idx, tgt, wts, pos, doc = sft.make_batch(rows, examples, 1024, 0)
+        assert torch.equal(wts > 0, tgt != -100)
         for b, row in enumerate(rows):
             # the targets of a row, in order, decode to the assistant contents of its examples + end tokens
             got = chat.decode(tgt[b][tgt[b] != -100].tolist())
@@ -78,7 +79,64 @@ def test_loss_targets_are_exactly_the_assistant_tokens(tasks, chat):
 
 
 def examples_msgs(tasks, mode):
-    return [c for t in tasks for c in sft.conversations(t["messages"], mode)]
+    return [c for t in tasks for c in tools.conversations(t["messages"], mode)]
+
+
+def awareness_tokens_by_decoding(chat, ids, weights):
+    """Independent of Chat.render_parts' offsets: 1 on the tokens of an assistant content (a run of weighted
+    tokens) whose decoded text starts inside that content's <summary>/<plan> head."""
+    out, t = [0] * len(ids), 0
+    while t < len(ids):
+        if not weights[t]:
+            t += 1
+            continue
+        run = t
+        while t < len(ids) and weights[t]:
+            t += 1
+        content = chat.decode(ids[run:t - 1])  # the run ends with the end token
+        head = tools.awareness_chars(content)
+        for k in range(run, t - 1):
+            out[k] = int(len(chat.decode(ids[run:k])) < head)
+    return out
+
+
+def test_awareness_weight(tasks, chat):
+    """--awareness-weight W scales the loss on <summary>/<plan> tokens only; W = 0 gives exactly the gradient of
+    the loss on the calls and replies alone (the no-awareness loss on the same tokens), W = 1 plain SFT."""
+    plain, _ = sft.encode(chat, tasks[:6], "full", 4096)
+    half, _ = sft.encode(chat, tasks[:6], "full", 4096, awareness_weight=0.5)
+    zero, _ = sft.encode(chat, tasks[:6], "full", 4096, awareness_weight=0.0)
+    by_hand = []
+    for ids, w in plain:
+        head = awareness_tokens_by_decoding(chat, ids, w)
+        assert set(w) == {0.0, 1.0} and sum(head) > 0
+        by_hand.append((ids, [0.0 if h else x for x, h in zip(w, head)]))
+    assert [w for _, w in zero] == [w for _, w in by_hand]
+    assert [w for _, w in half] == [[0.5 if h and x else x for x, h in zip(w, awareness_tokens_by_decoding(chat, ids, w))]
+                                    for ids, w in plain]
+    # the W = 0 targets decode to the assistant contents without their heads
+    idx, tgt, wts, _, _ = sft.make_batch([[0]], zero, len(zero[0][0]), 0)
+    msgs = [m["content"] for m in tasks[0]["messages"] if m["role"] == "assistant"]
+    assert chat.decode(tgt[0][tgt[0] != -100].tolist()) == "".join(m[tools.awareness_chars(m):] + "<|im_end|>" for m in msgs)
+    model = tiny(chat)
+    rows = sft.pack([len(e[0]) for e in zero], 1300)
+    assert max(map(len, rows)) > 1
+    g0, g_hand = grads(model, chat, zero, rows, 2), grads(model, chat, by_hand, rows, 2)
+    assert torch.allclose(g0, g_hand, atol=1e-7, rtol=1e-5)
+    g1, g_half = grads(model, chat, plain, rows, 2), grads(model, chat, half, rows, 2)
+    assert not torch.allclose(g0, g1, atol=1e-4) and not torch.allclose(g_half, g1, atol=1e-4)
+
+
+def test_no_loss_messages_stay_as_context(tasks, chat):
+    # a step that verification rejected ("no_loss") keeps its tokens in the input and loses its targets
+    task = dict(tasks[1])
+    k = next(i for i, m in enumerate(task["messages"]) if m["role"] == "assistant")
+    (ids0, w0), = sft.encode(chat, [task], "full", 4096)[0]
+    (ids1, w1), = sft.encode(chat, [dict(task, no_loss=[k])], "full", 4096)[0]
+    assert ids0 == ids1 and sum(w1) < sum(w0)
+    first = next(t for t, x in enumerate(w0) if x)
+    n = len(chat.encode(task["messages"][k]["content"])) + 1
+    assert w1[first:first + n] == [0.0] * n and w1[first + n:] == w0[first + n:]
 
 
 def test_pack_is_a_partition_with_little_padding():
@@ -103,7 +161,7 @@ def test_packing_does_not_leak_attention(tasks, chat):
     seq_len = sum(len(e[0]) for e in examples) + 7  # trailing pads too
     batch = sft.make_batch([row, [2]], examples, seq_len, 0)
     with torch.no_grad():
-        packed, tgt = sft.forward_packed(model, batch, "cpu")   # logits at the target positions, row-major
+        packed, tgt, _ = sft.forward_packed(model, batch, "cpu")   # logits at the target positions, row-major
         want, want_tgt = [], []
         for e in row + [2]:   # row 0 packs four examples; row 1 holds one alone (the plain causal path)
             ids, mask = torch.tensor(examples[e][0]), torch.tensor(examples[e][1][1:]) == 1

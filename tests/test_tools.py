@@ -492,8 +492,13 @@ def test_awareness_score_matches_whole_tokens():
     assert tools.awareness_score("Created e10.", "Next: send_message.", ["e1"], ["send"]) == 0.0
     assert tools.awareness_score("Created E1 (12.5 USD) at /docs/a.txt.", "Next: send_message, then ls.",
                                  ["e1", "12.5", "/docs/a.txt"], ["send_message", "ls"]) == 1.0
-    assert tools.awareness_score("Total 12.50", "", ["12.5"], []) == 0.0   # another literal; no plan: 0 for its half
-    assert tools.awareness_score("", "ls", [], ["ls"]) == 0.5
+    assert tools.awareness_score("Total 12.50", None, ["12.5"], []) == 0.0   # another literal; no plan: 0 for its half
+    assert tools.awareness_score("Total 12.50", "", ["12.5"], []) == 0.5     # an empty plan with nothing left is right
+    assert tools.awareness_score("", "ls", [], ["ls"]) == 1.0                # nothing to carry: an empty summary is right
+    assert tools.awareness_score(None, "ls", [], ["ls"]) == 0.5
+    # plans are counted with repeats: two get_balance calls need the name twice
+    assert tools.awareness_score("", "Next: get_balance.", [], ["get_balance", "get_balance"]) == 0.75
+    assert tools.awareness_score("", "Next: get_balance and get_balance.", [], ["get_balance", "get_balance"]) == 1.0
 
 
 def test_rewards_hand_built():
