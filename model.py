@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 # -----------------------------------------------------------------------------
 # The transformer
@@ -230,6 +231,9 @@ class Attention(nn.Module):
             return self.o_proj(kv.decode(q, k, v).reshape(B, 1, -1))
         if kv is not None:
             k, v = kv.write_and_read(k, v)  # the keys/values of the whole context so far
+        if isinstance(mask, BlockMask):  # document-masked packed rows (sft.py on a GPU): only the tiles it needs
+            y = _flex(q, k, v, mask, c.n_kv_heads != c.n_heads)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         if isinstance(mask, str):  # "causal" over cached keys: queries are the last T of the keys
             mask = None if k.shape[2] == T else \
                 torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
@@ -239,6 +243,30 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=c.n_kv_heads != c.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+_flex_compiled = None
+
+
+def _flex(q, k, v, block_mask, gqa):
+    """flex_attention, compiled on CUDA (a fused kernel that skips the masked tiles); eager elsewhere (the
+    unfused reference, which tests compare with the dense mask)."""
+    global _flex_compiled
+    if q.is_cuda:
+        if _flex_compiled is None:
+            _flex_compiled = torch.compile(flex_attention, dynamic=False)
+        return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def document_mask(doc):
+    """doc (B, T): the example number of each token of packed rows (-1 = pad) -> a flex_attention BlockMask: causal
+    within each example (pads see pads, as in the dense block-diagonal mask)."""
+    B, T = doc.shape
+
+    def same_doc_causal(b, h, q, kv):
+        return (doc[b, q] == doc[b, kv]) & (q >= kv)
+    return create_block_mask(same_doc_causal, B, None, T, T, device=doc.device)
 
 
 class MLP(nn.Module):
@@ -309,18 +337,25 @@ class Transformer(nn.Module):
             self._rope_len = n
         return self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
 
-    def forward(self, idx, pos=None, mask=None, kv=None, logits_at=None):
+    def rope_tables(self, n, device):
+        """Make sure the cos/sin tables hold n positions on `device` (a static step then indexes them directly)."""
+        if n > self._rope_len or self.rope_cos.device != torch.device(device):
+            self.rope(torch.tensor([[n - 1]], device=device))
+
+    def forward(self, idx, pos=None, mask=None, kv=None, logits_at=None, static=False):
         """
         idx (B, T) token ids. pos (B, T) positions (default 0..T-1). mask: bool (B, 1, T, Tk), True =
         may attend (default causal). kv: a CacheView (the sampler's KV cache); keys then cover the cached
         context. logits_at: the positions whose logits are wanted, which saves the vocabulary projection of
         all the others: (B,) one index per row -> logits (B, V), or a bool (B, T) mask -> (n, V) for its n
         True positions in row-major order (the loss positions of a training batch). Default: fp32 (B, T, V).
+        static: index the rope tables without checking their length on the host (rope_tables first): the static
+        decode step, which may not read anything back from the device.
         """
         B, T = idx.shape
         if pos is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)
-        cos, sin = self.rope(pos)
+        cos, sin = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)) if static else self.rope(pos)
         x = self.model.embed_tokens(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.model.layers):
@@ -911,11 +946,37 @@ def forward_cached(model, cache, chunks, rows, start):
                  logits_at=(lengths - 1).to(device))
 
 
-def sample_tokens(logits, temperature, top_k, top_p, generator):
-    """logits (b, V) -> (tokens (b,), logp (b,)). logp is under softmax(logits / temperature) before
-    top-k/top-p filtering (the distribution the trainer recomputes); plain log-softmax when greedy.
-    generator: one torch.Generator for all rows, or a list with one per row (then a row's samples do not
-    depend on which other rows share the batch: the same under 1 or N processes)."""
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c):
+    """(x * c) mod 2^32 for an int64 tensor x in [0, 2^32) and a constant c < 2^32, in 16-bit halves so that no
+    int64 product overflows (C++ and Triton leave signed overflow undefined)."""
+    return ((x & 0xFFFF) * c + (((x >> 16) * (c & 0xFFFF)) << 16)) & _M32
+
+
+def _fmix32(x):
+    # MurmurHash3's finaliser: every input bit flips each output bit with probability about 1/2
+    x = _mul32(x ^ (x >> 16), 0x85EBCA6B)
+    x = _mul32(x ^ (x >> 13), 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def uniforms(keys, counters):
+    """One uniform draw in (0, 1), float64, per row from int64 tensors keys (b,) (>= 0: an episode's sampling
+    seed) and counters (b,) (the row's token index): a counter-based generator, a hash with no state, so a row's
+    draws depend on nothing but its own key and position (not on the batch, the ranks or the device), and it
+    runs inside a CUDA graph."""
+    h = _fmix32((keys & _M32) ^ _fmix32(((keys >> 32) & _M32) ^ 0x9E3779B9))
+    h = _fmix32(h ^ _fmix32((counters & _M32) ^ 0x85EBCA77))
+    lo = _fmix32(h ^ 0x165667B1) >> 11                      # 21 more bits: 53 in all, a double's mantissa
+    return (h.double() * 2.0 ** 21 + lo.double() + 0.5) / 2.0 ** 53
+
+
+def sample_tokens(logits, temperature, top_k, top_p, keys=None, counters=None):
+    """logits (b, V) -> (tokens (b,), logp (b,)), on the logits' device with tensor ops only. logp is under
+    softmax(logits / temperature) before top-k/top-p filtering (the distribution the trainer recomputes); plain
+    log-softmax when greedy. keys, counters (b,) int64: the draws (uniforms()); needed when temperature > 0."""
     if temperature <= 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
@@ -930,14 +991,9 @@ def sample_tokens(logits, temperature, top_k, top_p, generator):
         drop = cum - sorted_logits.softmax(-1) > top_p   # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
-    # inverse-CDF sampling, one uniform draw per row (torch.multinomial costs ~13 ms on 8 x 49k rows on CPU);
-    # the draws come from CPU generators, the search runs where the logits are
-    if isinstance(generator, (list, tuple)):
-        u = torch.stack([torch.rand((), generator=g) for g in generator])
-    else:
-        u = torch.rand(probs.shape[0], generator=generator)
+    # inverse-CDF sampling, one uniform per row (torch.multinomial costs ~13 ms on 8 x 49k rows on CPU)
     cdf = probs.double().cumsum(-1)
-    u = u.to(cdf.device, torch.float64)
+    u = uniforms(keys, counters).to(cdf.device)
     tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
     return tok, logp_all.gather(-1, tok[:, None])[:, 0]
 
@@ -966,9 +1022,126 @@ class Row:
         return len(self.segments[-1]["ids"])
 
 
+class StaticView:
+    """The cache view of a static decode step: every row of the cache takes one token at its own slot pos (B,)
+    (a device tensor) and reads keys 0..kv_len-1, those after its slot masked. Nothing is read back to the host
+    and no shape depends on which rows are live."""
+
+    def __init__(self, cache, pos, kv_len):
+        B, kvh, L = cache.k.shape[1], cache.k.shape[2], cache.max_len
+        r = torch.arange(B, device=pos.device)
+        self.cache, self.kv_len, self.i = cache, kv_len, 0
+        self.w_idx = ((r[:, None] * kvh + torch.arange(kvh, device=pos.device)) * L + pos[:, None]).view(-1)  # (B * kvh,)
+        self.mask = (torch.arange(kv_len, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, kv_len)
+
+    def layer(self, i):
+        self.i = i
+        return self
+
+    def decode(self, q, k, v):
+        # q (B, H, 1, hd), k/v (B, Hkv, 1, hd); each kv head's query heads read as query positions (no GQA copies)
+        c, hd = self.cache, k.shape[-1]
+        c.k[self.i].view(-1, hd).index_copy_(0, self.w_idx, k.reshape(-1, hd).to(c.k.dtype))
+        c.v[self.i].view(-1, hd).index_copy_(0, self.w_idx, v.reshape(-1, hd).to(c.v.dtype))
+        qg = q.reshape(q.shape[0], c.k.shape[2], -1, hd).to(c.k.dtype)
+        return F.scaled_dot_product_attention(qg, c.k[self.i][:, :, :self.kv_len], c.v[self.i][:, :, :self.kv_len],
+                                              attn_mask=self.mask)
+
+
+class StaticDecoder:
+    """The decode engine of a GPU: the state of every cache row on the device, one static step (decode_step) that
+    samples a token per row and feeds it, and on CUDA the step captured as a CUDA graph per key-length bucket and
+    replayed sync_every times between host checks. Rows advance while live; a row's message ends (stop token or
+    budget) on the device, which freezes the row: it still computes each step (into a slot past its context,
+    overwritten later) but its tokens are marked invalid and its position and counters stay. The host then reads
+    the window's tokens once, finishes the messages and injects tool results and user turns (eagerly)."""
+
+    def __init__(self, model, cache, stop_ids, max_new_tokens, max_len, temperature, top_k, top_p, sync_every,
+                 compile_step=False):
+        dev, B = cache.k.device, cache.k.shape[1]
+        self.model, self.cache, self.k, self.compile_step = model, cache, sync_every, compile_step
+        self.cfg = (max_new_tokens, max_len, temperature, top_k, top_p)
+        z = lambda dtype=torch.long: torch.zeros(B, dtype=dtype, device=dev)  # noqa: E731
+        self.logits = torch.zeros(B, model.cfg.vocab_size, device=dev)
+        self.length, self.n_msg, self.count, self.key, self.live = z(), z(), z(), z(), z(torch.bool)
+        self.stop = torch.tensor(sorted(stop_ids), device=dev)
+        self.out = torch.zeros(3, B, sync_every, dtype=torch.float64, device=dev)   # token, logp, valid per step
+        self.j = torch.zeros((), dtype=torch.long, device=dev)
+        self.graphs = {} if cache.k.is_cuda else None
+        model.rope_tables(max_len, dev)
+
+    def step(self, kv_len):
+        """One token for every row, from device state only (tensor ops: no host reads, static shapes)."""
+        max_new, max_len, temperature, top_k, top_p = self.cfg
+        tok, logp = sample_tokens(self.logits, temperature, top_k, top_p, self.key, self.count)
+        live = self.live
+        self.out.index_copy_(2, self.j.view(1), torch.stack([tok.double(), logp.double(), live.double()])[..., None])
+        slot = self.length.clamp(max=self.cache.max_len - 1)   # a live row's new token; a frozen row's next free slot
+        x = self.model(tok[:, None], pos=slot[:, None], kv=StaticView(self.cache, slot, kv_len), static=True)[:, 0]
+        self.logits.copy_(x)
+        n = live.long()
+        still = live & ~torch.isin(tok, self.stop) & (self.n_msg + 1 < max_new) & (self.length + 1 < max_len)
+        self.length += n
+        self.n_msg += n
+        self.count += n
+        self.live.copy_(still)
+        self.j += 1
+
+    def run(self, kv_len):
+        """sync_every steps, then one copy to the host: the window's (tokens, logp, valid), each (B, k)."""
+        self.j.zero_()
+        replay = self._graph(kv_len) if self.graphs is not None else None
+        for _ in range(self.k):
+            replay.replay() if replay is not None else self.step(kv_len)
+        tok, logp, valid = self.out.cpu()
+        return tok.long().tolist(), logp.tolist(), valid.bool().tolist()
+
+    def _graph(self, kv_len):
+        """The step as a CUDA graph for this key length, captured on first use: torch.compile'd first when
+        compile_step (fused pointwise work: fewer, larger kernels), else as it is; if capture fails, eager steps,
+        with one log line. Captured with autocast's weight-cast cache off, so the casts of fp32 weights are inside
+        the graph and a replay after optimizer.step() reads the new weights."""
+        if kv_len in self.graphs:
+            return self.graphs[kv_len]
+        state = (self.logits, self.length, self.n_msg, self.count, self.live, self.out, self.j)
+        saved = [t.clone() for t in state]
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        g = None
+        for fn in ([torch.compile(self.step, fullgraph=True, dynamic=False)] if self.compile_step else []) + [self.step]:
+            try:
+                ac = lambda: torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()  # noqa: E731
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), ac():
+                    for _ in range(2):   # warm-up outside the graph; it writes the cache only past every row's context
+                        fn(kv_len)
+                torch.cuda.current_stream().wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g), ac():
+                    fn(kv_len)
+                break
+            except Exception as e:   # noqa: BLE001  (any capture failure: try the next way, say so)
+                g = None
+                print(f"model.StaticDecoder: CUDA graph capture {'of the compiled step ' if fn is not self.step else ''}"
+                      f"failed ({type(e).__name__}: {str(e)[:160]})")
+        if g is None:
+            print("model.StaticDecoder: decoding with eager static steps")
+            self.graphs = None
+        for t, v in zip(state, saved):
+            t.copy_(v)
+        if self.graphs is not None:
+            self.graphs[kv_len] = g
+        return g
+
+
+def _bucket(n, cap):
+    """The key length a static step reads: the next power of two >= n (at least 64), at most cap."""
+    return min(cap, max(64, 1 << (max(1, n) - 1).bit_length()))
+
+
 @torch.no_grad()
 def rollout(model, chat, episodes, max_new_tokens=256, max_len=2048, temperature=1.0, top_k=0, top_p=1.0,
-            generator=None, use_cache=True):
+            seeds=None, use_cache=True, engine="auto", sync_every=8, compile_step=False):
     """
     Drive `episodes` (objects with .tools, .reset() -> messages, .step(text) -> (kind, messages)) to the end
     with batched sampling. Rows whose first context is identical (a GRPO group) share one prefill that is
@@ -976,22 +1149,43 @@ def rollout(model, chat, episodes, max_new_tokens=256, max_len=2048, temperature
     row's episode says what comes next: "continue" (messages to append: tool results, the next user turn),
     "reset" (a whole new context: the summary mode) or "done". Injected tokens go into the cache as one
     ragged chunk per forward pass. max_new_tokens bounds one assistant message, max_len one context
-    (a row whose context would overflow is stopped and marked truncated).
+    (a row whose context would overflow is stopped and marked truncated). seeds: one int per episode, the key
+    of its draws (uniforms(): a row's tokens depend only on its seed and its own context); default 0, 1, ...
+
+    Two engines give the same tokens. "eager" (the CPU's, bound by memory): a decode step per loop, the rows of
+    a group reading their shared prompt's keys once, the decode GEMM fastest_decode_gemm timed here. "static"
+    (a GPU's, bound by kernel launches): StaticDecoder, sync_every steps on the device (a CUDA graph on CUDA)
+    between host checks, and the rows whose message ended wait and are injected together (when an eighth of
+    the rows wait, or the oldest has waited 8 steps, or nothing else decodes). "auto": static on CUDA.
     use_cache=False recomputes every step from scratch: the reference the cached path is tested against.
 
     Returns one dict per episode: segments (a list of contexts, each {ids, mask, logp}: mask 1 exactly on
-    sampled tokens, logp their log-probabilities), truncated, gen_tokens, injected_tokens.
+    sampled tokens, logp their log-probabilities), truncated, gen_tokens, injected_tokens, and the rollout's
+    timing (decode_s, inject_s, host checks) in each dict's "timing".
     """
-    with decode_layout(model, len(episodes)):
-        return _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k, top_p, generator, use_cache)
+    if engine == "auto":
+        engine = "static" if next(model.parameters()).is_cuda and use_cache else "eager"
+    if engine not in ("eager", "static") or (engine == "static" and not use_cache):
+        raise ValueError(f"engine {engine!r}: choose eager, static or auto (static needs the cache)")
+    seeds = list(range(len(episodes))) if seeds is None else list(seeds)
+    if len(seeds) != len(episodes) or any(not isinstance(x, int) or x < 0 for x in seeds):
+        raise ValueError(f"seeds: one int >= 0 per episode ({len(episodes)}), got {len(seeds)}")
+    with decode_layout(model, len(episodes)) if engine == "eager" else contextlib.nullcontext():
+        return _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k, top_p, seeds, use_cache,
+                        engine, sync_every, compile_step)
 
 
-def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k, top_p, generator, use_cache):
+def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k, top_p, seeds, use_cache, engine,
+             sync_every, compile_step):
     device = next(model.parameters()).device
     rows = [Row(ep) for ep in episodes]
     B = len(rows)
     cache = KVCache(model.cfg, B, max_len, device, KVCache.dtype_for(model)) if use_cache else None
-    logits = torch.zeros(B, model.cfg.vocab_size, device=device)
+    dec = StaticDecoder(model, cache, chat.stop_ids, max_new_tokens, max_len, temperature, top_k, top_p, sync_every,
+                        compile_step) if engine == "static" else None
+    logits = dec.logits if dec else torch.zeros(B, model.cfg.vocab_size, device=device)
+    keys = torch.tensor(seeds, dtype=torch.long)
+    timing = {"decode_s": 0.0, "inject_s": 0.0, "checks": 0, "injections": 0}
 
     def run(chunks_by_row):
         # feed each row's chunk after its current context; rows whose context restarts have length 0
@@ -1017,6 +1211,56 @@ def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k,
         rows[r].injected_tokens += len(ids)
         return ids
 
+    msg = [[] for _ in range(B)]  # sampled ids of the assistant message in progress
+
+    def add_token(r, t, lp):
+        """Append a sampled token -> the chunk to inject if this ends the message (None: the message goes on, or
+        the episode is done)."""
+        row = rows[r]
+        row.add([t], 1, [lp])
+        row.gen_tokens += 1
+        msg[r].append(t)
+        ended = t in chat.stop_ids
+        if not ended and len(msg[r]) < max_new_tokens and row.length < max_len:
+            return "decode"
+        # the assistant message is over (end token, or cut by a budget): ask the episode what next
+        text = chat.decode(msg[r][:-1] if ended else msg[r])
+        msg[r] = []
+        row.truncated |= not ended
+        kind, new = row.ep.step(text)
+        if kind == "done":
+            row.done = True
+            return None
+        if kind == "reset":
+            return start_context(r, new)
+        # "continue": the template text after this message's content becomes one injected chunk
+        row.messages.append({"role": "assistant", "content": text})
+        done_chars = chat.end_of(chat.text(row.messages, row.ep.tools), row.text_done)
+        row.messages += new
+        full = chat.text(row.messages, row.ep.tools, add_generation_prompt=True)
+        ids = ([] if ended else [chat.end_id]) + chat.encode(full[done_chars:])
+        if row.length + len(ids) + 1 >= max_len:
+            row.done = row.truncated = True
+            return None
+        row.add(ids)
+        row.injected_tokens += len(ids)
+        row.text_done = len(full)
+        # the last sampled token enters the cache in front of the chunk (it is already in row.length)
+        return [t] + ids
+
+    def inject(chunks):
+        t0 = time.perf_counter()
+        run(chunks)
+        timing["inject_s"] += time.perf_counter() - t0
+        timing["injections"] += 1
+        if dec is not None:   # the injected rows decode again from their new context
+            rs = sorted(chunks)
+            idx = torch.tensor(rs, device=device)
+            dec.length[idx] = torch.tensor([rows[r].length for r in rs], device=device)
+            dec.n_msg[idx] = 0
+            dec.count[idx] = torch.tensor([rows[r].gen_tokens for r in rs], device=device)
+            dec.live[idx] = True
+
     # prefill: one forward per distinct first context, copied to the rows that share it
     first = {}
     for r, row in enumerate(rows):
@@ -1024,62 +1268,74 @@ def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k,
         if ids is not None:
             first.setdefault(tuple(ids), []).append(r)
     if first:
+        t0 = time.perf_counter()
         run({rs[0]: list(ids) for ids, rs in first.items()})
         for ids, rs in first.items():
             if use_cache and len(rs) > 1:
                 cache.copy_rows(rs[0], rs[1:], len(ids))
             logits[rs[1:]] = logits[rs[0]].clone()
-    msg = [[] for _ in range(B)]  # sampled ids of the assistant message in progress
-    while True:
-        live = [r for r in range(B) if not rows[r].done]
-        if not live:
-            break
-        gens = [generator[r] for r in live] if isinstance(generator, (list, tuple)) else generator
-        tok, logp = sample_tokens(logits[live], temperature, top_k, top_p, gens)
-        tok, logp = tok.tolist(), logp.tolist()   # one device-to-host copy each, not one per row
-        decode, inject = {}, {}
-        for i, r in enumerate(live):
-            row, t = rows[r], tok[i]
-            row.add([t], 1, [logp[i]])
-            row.gen_tokens += 1
-            msg[r].append(t)
-            ended = t in chat.stop_ids
-            if not ended and len(msg[r]) < max_new_tokens and row.length < max_len:
-                decode[r] = [t]
-                continue
-            # the assistant message is over (end token, or cut by a budget): ask the episode what next
-            text = chat.decode(msg[r][:-1] if ended else msg[r])
-            msg[r] = []
-            row.truncated |= not ended
-            kind, new = row.ep.step(text)
-            if kind == "done":
-                row.done = True
-                continue
-            if kind == "reset":
-                ids = start_context(r, new)
-                if ids is not None:
-                    inject[r] = ids
-                continue
-            # "continue": the template text after this message's content becomes one injected chunk
-            row.messages.append({"role": "assistant", "content": text})
-            done_chars = chat.end_of(chat.text(row.messages, row.ep.tools), row.text_done)
-            row.messages += new
-            full = chat.text(row.messages, row.ep.tools, add_generation_prompt=True)
-            ids = ([] if ended else [chat.end_id]) + chat.encode(full[done_chars:])
-            if row.length + len(ids) + 1 >= max_len:
-                row.done = row.truncated = True
-                continue
-            row.add(ids)
-            row.injected_tokens += len(ids)
-            row.text_done = len(full)
-            # the last sampled token enters the cache in front of the chunk (it is already in row.length)
-            inject[r] = [t] + ids
-        if inject:
-            run(inject)
-        if decode:
-            run(decode)
-    return [{"segments": row.segments, "truncated": row.truncated, "gen_tokens": row.gen_tokens,
-             "injected_tokens": row.injected_tokens, "episode": row.ep} for row in rows]
+        timing["inject_s"] += time.perf_counter() - t0
+        if dec is not None:
+            dec.key.copy_(keys.to(device))
+            started = [r for r in range(B) if not rows[r].done]
+            idx = torch.tensor(started, device=device, dtype=torch.long)
+            dec.length[idx] = torch.tensor([rows[r].length for r in started], device=device, dtype=torch.long)
+            dec.live[idx] = True
+
+    if dec is None:   # the eager engine: one decode step per loop, every injection at once
+        while True:
+            live = [r for r in range(B) if not rows[r].done]
+            if not live:
+                break
+            t0 = time.perf_counter()
+            counters = torch.tensor([rows[r].gen_tokens for r in live])
+            tok, logp = sample_tokens(logits[live], temperature, top_k, top_p, keys[live], counters)
+            tok, logp = tok.tolist(), logp.tolist()   # one device-to-host copy each, not one per row
+            decode, chunks = {}, {}
+            for i, r in enumerate(live):
+                out = add_token(r, tok[i], logp[i])
+                if out == "decode":
+                    decode[r] = [tok[i]]
+                elif out is not None:
+                    chunks[r] = out
+            if chunks:
+                inject(chunks)
+            if decode:
+                run(decode)
+            timing["decode_s"] += time.perf_counter() - t0
+    else:             # the static engine: windows of sync_every steps on the device, injections batched
+        pending, waited = {}, {}   # row -> chunk ready to inject; steps it has waited
+        decoding = {r for r in range(B) if not rows[r].done}
+        while decoding or pending:
+            if decoding:
+                t0 = time.perf_counter()
+                kv = _bucket(max(rows[r].length for r in decoding) + sync_every, max_len)
+                toks, lps, valid = dec.run(kv)
+                timing["checks"] += 1
+                for r in sorted(decoding):
+                    for j in range(sync_every):
+                        if not valid[r][j]:
+                            break
+                        out = add_token(r, toks[r][j], lps[r][j])
+                        if out == "decode":
+                            continue
+                        decoding.discard(r)
+                        if out is not None:   # it waits from this step to the end of the window
+                            pending[r], waited[r] = out, -(j + 1)
+                        break
+                waited = {r: w + sync_every for r, w in waited.items()}
+                timing["decode_s"] += time.perf_counter() - t0
+            if pending and (not decoding or len(pending) >= max(1, (len(pending) + len(decoding)) // 8)
+                            or max(waited.values()) >= 8):
+                inject(pending)
+                decoding |= set(pending)
+                pending, waited = {}, {}
+    out = [{"segments": row.segments, "truncated": row.truncated, "gen_tokens": row.gen_tokens,
+            "injected_tokens": row.injected_tokens, "episode": row.ep} for row in rows]
+    for o in out:
+        o["timing"] = timing
+    return out
+
 
 class _Once:
     """A one-message 'episode' for rollout: it shows `messages` and keeps the reply to it."""

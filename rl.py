@@ -55,6 +55,12 @@ parser.add_argument("--context-mode", choices=["full", "summary"], default="full
 parser.add_argument("--pa", choices=["on", "off"], default="on", help="progress awareness (off = the MT-GRPO baseline)")
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
 parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+parser.add_argument("--engine", choices=["auto", "eager", "static"], default="auto",
+                    help="sampler engine (model.rollout): static = device-resident decode steps, CUDA graphs on CUDA; "
+                         "eager = one host-driven step at a time, the CPU's fastest; auto = static on CUDA, else eager")
+parser.add_argument("--compile-sampler", action="store_true",
+                    help="static engine on CUDA: torch.compile the decode step before capturing it (fuses its pointwise work)")
+parser.add_argument("--sync-every", type=int, default=8, help="static engine: decode steps between host checks (steps)")
 parser.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
 parser.add_argument("--max-new-tokens", type=int, default=160, help="tokens per assistant message")
 parser.add_argument("--max-len", type=int, default=1536, help="tokens per context (the KV cache length)")
@@ -333,7 +339,8 @@ def main(args):
             if os.path.exists(p):
                 os.remove(p)
     sample_kw = dict(max_new_tokens=args.max_new_tokens, max_len=args.max_len, temperature=args.temperature,
-                     top_k=args.top_k, top_p=args.top_p)
+                     top_k=args.top_k, top_p=args.top_p, engine=args.engine, sync_every=args.sync_every,
+                     compile_step=args.compile_sampler)
     local = args.prompts_per_step // ddp_world_size
     G = args.group_size
 
@@ -368,16 +375,16 @@ def main(args):
         order = random.Random(args.seed + step // max(1, len(tasks) // args.prompts_per_step)).sample(range(len(tasks)), len(tasks))
         first = (step * args.prompts_per_step) % len(tasks)
         picks = [order[(first + ddp_rank + ddp_world_size * j) % len(tasks)] for j in range(local)]
-        # one generator per episode, seeded by (step, global task slot, j): samples are the same under any
-        # number of ranks and after a resume
+        # one sampling key per episode, (step, global task slot, j): samples are the same under any number of
+        # ranks and after a resume
         slots = [ddp_rank + ddp_world_size * j for j in range(local)]
-        gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + step * 10_007 + s * 101 + j) for s in slots for j in range(G)]
+        gens = [args.seed * 1_000_003 + step * 10_007 + s * 101 + j for s in slots for j in range(G)]
         extra = random.Random(args.seed * 7919 + step * 31 + ddp_rank)
         results, rewards, parts, turn_r, zero_var, groups_seen = [], [], [], [], 0, 0
         for round_ in range(1 + (args.max_resample if args.dynamic_sampling else 0)):
             with M.autocast(device):   # the precision the trainer recomputes these log-probs in (bf16 on CUDA)
                 res = M.rollout(raw_model, chat, [make_episode(tasks[i], args) for i in picks for _ in range(G)],
-                                generator=gens[:len(picks) * G], **sample_kw)
+                                seeds=gens[:len(picks) * G], **sample_kw)
             r, p, tr = episode_rewards(res, args)
             flat = (r.view(-1, G).max(1).values == r.view(-1, G).min(1).values).tolist()
             zero_var += sum(flat)
@@ -393,7 +400,7 @@ def main(args):
             if len(results) >= local * G:
                 break
             picks = [extra.randrange(len(tasks)) for _ in range(local - len(results) // G)]
-            gens = [torch.Generator().manual_seed(extra.randrange(2**62)) for _ in range(len(picks) * G)]
+            gens = [extra.randrange(2**62) for _ in range(len(picks) * G)]
         rewards = torch.stack(rewards)                                            # (groups, G)
         adv = group_advantages(rewards, normalise=args.adv != "dr_grpo", positive_only=args.positive_only).flatten()
         tok_turn = turn_advantages(turn_r, G) if args.adv == "mt_grpo" else None

@@ -149,14 +149,18 @@ def make_batch(rows, examples, seq_len, pad_id):
     return idx, tgt, wts, pos, doc
 
 
-def forward_packed(model, batch, device):
+def forward_packed(model, batch, device, flex=None):
     """Logits (n, V), targets (n,) and weights (n,) at the n target positions of a packed batch. Rows are cut to
-    the longest row's used length: trailing pads are never seen by a real token (causal), so that is exact."""
+    the longest row's used length: trailing pads are never seen by a real token (causal), so that is exact.
+    flex (default: on CUDA): document-masked flex_attention, which computes only the tiles of each example's
+    causal triangle (a dense (B, 1, T, T) mask keeps SDPA off its flash kernels and computes every tile)."""
     idx, tgt, wts, pos, doc = batch
     T = int((doc >= 0).sum(1).max())
     idx, tgt, wts, pos, doc = (x[:, :T].to(device) for x in (idx, tgt, wts, pos, doc))
     mask = None  # one example per row: plain causal attention (the fast kernel) is exactly block-diagonal
-    if int(doc.max()) > 0:
+    if int(doc.max()) > 0 and (str(device).startswith("cuda") if flex is None else flex):
+        mask = M.document_mask(doc)
+    elif int(doc.max()) > 0:
         # block-diagonal causal: a token sees only earlier tokens of its own example (pads see pads: no NaN rows)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         mask = (doc.unsqueeze(2) == doc.unsqueeze(1)).unsqueeze(1) & causal  # (B, 1, T, T)
@@ -165,9 +169,9 @@ def forward_packed(model, batch, device):
         return model(idx, pos=pos, mask=mask, logits_at=keep), tgt[keep], wts[keep]  # (n, V) fp32, (n,), (n,)
 
 
-def loss_sum(model, batch, device):
+def loss_sum(model, batch, device, flex=None):
     """Weighted sum of the cross-entropy over the target tokens of a packed batch (normalised by the caller)."""
-    logits, tgt, wts = forward_packed(model, batch, device)
+    logits, tgt, wts = forward_packed(model, batch, device, flex)
     return (F.cross_entropy(logits, tgt, reduction="none") * wts).sum()
 
 

@@ -1,4 +1,5 @@
 """model.py: parity with transformers, checkpoints, chat rendering, KV cache and sampler (CPU, tiny models)."""
+import contextlib
 import os
 import sys
 
@@ -192,14 +193,13 @@ def test_sampler_greedy_equals_reference_greedy(tok, gemm):
 
 def test_group_copy_equals_independent_prefills(tok):
     m = tiny(tok)
-    gen = lambda: torch.Generator().manual_seed(5)
     # 3 rows sharing one prompt are prefilled once; compare with three separate single-row runs
     shared = run(m, tok, [FakeEpisode(2) for _ in range(3)], temperature=0.0)
     for row in shared:
         alone = run(m, tok, [FakeEpisode(2)], temperature=0.0)[0]
         assert row["segments"][0]["ids"] == alone["segments"][0]["ids"]
     # sampled: rows of a group draw their own first token (not one token copied to all)
-    many = run(m, tok, [FakeEpisode(2) for _ in range(8)], temperature=1.5, generator=gen())
+    many = run(m, tok, [FakeEpisode(2) for _ in range(8)], temperature=1.5, seeds=range(5, 13))
     first = {tuple(r["segments"][0]["mask"]).index(1) for r in many}
     firsts = {r["segments"][0]["ids"][min(first)] for r in many}
     assert len(firsts) > 1
@@ -216,9 +216,9 @@ def test_shared_prefix_decode_equals_reference(tok, monkeypatch):
                    FakeEpisode(3, user="A longer, different prompt for the second group."),
                    FakeEpisode(2, user="A longer, different prompt for the second group."),
                    FakeEpisode(3, user="A third prompt, alone.")]   # group sources 0, 3, 5: not evenly spaced
-    gens = lambda: [torch.Generator().manual_seed(i) for i in range(6)]
-    fast = run(m, tok, eps(), temperature=1.0, generator=gens())
-    slow = run(m, tok, eps(), temperature=1.0, generator=gens(), use_cache=False)
+    gens = lambda: list(range(6))
+    fast = run(m, tok, eps(), temperature=1.0, seeds=gens())
+    slow = run(m, tok, eps(), temperature=1.0, seeds=gens(), use_cache=False)
     assert any(g is not None and g["gmax"] >= 2 for g in grouped)   # the shared path really ran
     assert any(g is not None and torch.is_tensor(g["src"]) for g in grouped)
     for a, b in zip(fast, slow):
@@ -236,9 +236,9 @@ def test_group_members_that_restart_leave_their_group(tok):
     m = tiny(tok)
     eps = lambda: [FakeEpisode(1), FakeEpisode(3, reset_at=1), FakeEpisode(4, reset_at=2), FakeEpisode(4),
                    FakeEpisode(3, reset_at=1), FakeEpisode(4)]
-    gens = lambda: [torch.Generator().manual_seed(i) for i in range(6)]
-    fast = run(m, tok, eps(), temperature=1.0, generator=gens())
-    slow = run(m, tok, eps(), temperature=1.0, generator=gens(), use_cache=False)
+    gens = lambda: list(range(6))
+    fast = run(m, tok, eps(), temperature=1.0, seeds=gens())
+    slow = run(m, tok, eps(), temperature=1.0, seeds=gens(), use_cache=False)
     for a, b in zip(fast, slow):
         assert [s["ids"] for s in a["segments"]] == [s["ids"] for s in b["segments"]]
         for sa, sb in zip(a["segments"], b["segments"]):
@@ -256,16 +256,16 @@ def test_unfused_attention_path_in_the_sampler(tok, monkeypatch, route):
     # F.scaled_dot_product_attention per layer: on CPU either must give the fused kernel's tokens, and run in bf16
     m = tiny(tok)
     eps = lambda: [FakeEpisode(3, reset_at=1), FakeEpisode(3), FakeEpisode(3), FakeEpisode(2, user="Another prompt.")]
-    gens = lambda: [torch.Generator().manual_seed(i) for i in range(4)]
-    fused = run(m, tok, eps(), temperature=1.0, generator=gens())
+    gens = lambda: list(range(4))
+    fused = run(m, tok, eps(), temperature=1.0, seeds=gens())
     attend = M.attend
     monkeypatch.setattr(M, "attend", lambda q, k, v, bias, fused=None: attend(q, k, v, bias, fused=False))
     if route == "gpu route":
         monkeypatch.setattr(M, "decode_shares_prefix", lambda device_type: False)
-    plain = run(m, tok, eps(), temperature=1.0, generator=gens())
+    plain = run(m, tok, eps(), temperature=1.0, seeds=gens())
     for a, b in zip(fused, plain):
         assert [s["ids"] for s in a["segments"]] == [s["ids"] for s in b["segments"]]
-    out = run(m.to(torch.bfloat16), tok, eps(), temperature=1.0, generator=gens())
+    out = run(m.to(torch.bfloat16), tok, eps(), temperature=1.0, seeds=gens())
     assert all(r["gen_tokens"] > 0 for r in out)
 
 
@@ -275,7 +275,7 @@ def test_sampler_under_bf16_autocast(tok):
     m = tiny(tok)
     eps = lambda: [FakeEpisode(3, reset_at=1), FakeEpisode(3), FakeEpisode(3), FakeEpisode(2, user="Another prompt.")]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = run(m, tok, eps(), temperature=1.0, generator=[torch.Generator().manual_seed(i) for i in range(4)])
+        out = run(m, tok, eps(), temperature=1.0, seeds=range(4))
         assert M.KVCache.dtype_for(m) == torch.bfloat16   # the cache holds what autocast computes
     assert M.KVCache.dtype_for(m) == torch.float32
     assert all(r["gen_tokens"] > 0 for r in out)
@@ -291,7 +291,7 @@ def test_sampler_under_bf16_autocast(tok):
 def test_sampler_logprobs_equal_training_logprobs(tok):
     m = tiny(tok)
     out = run(m, tok, [FakeEpisode(3), FakeEpisode(3, reset_at=1)], temperature=0.7, top_k=50,
-              generator=torch.Generator().manual_seed(0))
+              seeds=[0, 1])
     n = 0
     for row in out:
         for seg in row["segments"]:
@@ -308,7 +308,7 @@ def test_sampler_logprobs_equal_training_logprobs(tok):
 
 def test_mask_is_exactly_the_sampled_tokens(tok):
     m = tiny(tok)
-    out = run(m, tok, [FakeEpisode(3)], temperature=1.0, generator=torch.Generator().manual_seed(0))[0]
+    out = run(m, tok, [FakeEpisode(3)], temperature=1.0, seeds=[0])[0]
     seg = out["segments"][0]
     assert sum(seg["mask"]) == out["gen_tokens"]
     assert len(seg["ids"]) == out["gen_tokens"] + out["injected_tokens"]
@@ -431,3 +431,112 @@ def test_smollm2_decode_products_agree():
         out[how] = torch.stack(lg)
     for how in out:
         assert torch.allclose(out[how], out["linear"], atol=1e-3), (how, (out[how] - out["linear"]).abs().max())
+
+
+# -----------------------------------------------------------------------------
+# the static decode engine (the GPU's), run eagerly on the CPU
+
+
+def same_rollouts(a, b, atol=1e-4):
+    for x, y in zip(a, b):
+        assert [s["ids"] for s in x["segments"]] == [s["ids"] for s in y["segments"]]
+        assert [s["mask"] for s in x["segments"]] == [s["mask"] for s in y["segments"]]
+        assert x["gen_tokens"] == y["gen_tokens"] and x["truncated"] == y["truncated"]
+        for sx, sy in zip(x["segments"], y["segments"]):
+            assert torch.allclose(torch.tensor(sx["logp"]), torch.tensor(sy["logp"]), atol=atol)
+
+
+@pytest.mark.parametrize("sync_every", [1, 3, 8])
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_k=20, top_p=0.9)])
+def test_static_engine_equals_eager(tok, sync_every, sampling):
+    # rows that end at different steps (by stop token and by the message budget), tool results injected, context
+    # resets (summary mode), a row that overflows max_len: the same tokens, masks and log-probs as the eager engine
+    m = tiny(tok)
+    eps = lambda: [FakeEpisode(3, reset_at=1), FakeEpisode(4), FakeEpisode(2), FakeEpisode(5, reset_at=3),
+                   FakeEpisode(3, user="A longer, different prompt for the second group."), FakeEpisode(1)]
+    kw = dict(seeds=[7, 1, 9, 3, 5, 2], max_new_tokens=9, max_len=200, **sampling)
+    eager = run(m, tok, eps(), engine="eager", **kw)
+    static = run(m, tok, eps(), engine="static", sync_every=sync_every, **kw)
+    same_rollouts(eager, static)
+    assert any(r["truncated"] for r in eager) and len({r["gen_tokens"] for r in eager}) > 2
+    assert static[0]["timing"]["checks"] > 0 and static[0]["timing"]["injections"] > 0
+
+
+def test_static_engine_on_summary_mode_episodes(tok):
+    # tools.Episode in summary context mode: every user turn resets the context; rows end turns at different steps
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import tools
+    from test_tools import math_task
+    m = tiny(tok)
+    eps = lambda: [tools.Episode(math_task(i), context_mode="summary", max_steps_per_turn=2) for i in range(5)]
+    kw = dict(seeds=range(5), max_new_tokens=14, max_len=1024, temperature=1.0)
+    eager, static = run(m, tok, eps(), engine="eager", **kw), run(m, tok, eps(), engine="static", sync_every=4, **kw)
+    same_rollouts(eager, static)
+    assert max(len(r["segments"]) for r in eager) > 1   # some context was reset
+    assert [r["episode"].messages for r in eager] == [r["episode"].messages for r in static]
+
+
+def test_static_decode_step_traces_as_one_graph(tok):
+    # torch.compile(fullgraph=True) fails on any graph break: a host read (.item(), .tolist()), a data-dependent
+    # shape, a Python branch on a tensor. The compiled step (aot_eager: tracing only, no C++ build) gives the
+    # same state as the eager step
+    m = tiny(tok).eval()
+    cache = M.KVCache(m.cfg, 4, 64, "cpu", torch.float32)
+    dec = [M.StaticDecoder(m, cache, {0}, 9, 64, 1.0, 0, 1.0, 4) for _ in range(2)]
+    torch.manual_seed(0)
+    logits = torch.randn(4, m.cfg.vocab_size)
+    for d in dec:
+        d.logits.copy_(logits)
+        d.length.copy_(torch.tensor([5, 9, 3, 7]))
+        d.live.copy_(torch.tensor([True, True, False, True]))
+        d.key.copy_(torch.tensor([1, 2, 3, 4]))
+    compiled = torch.compile(dec[1].step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for _ in range(3):
+            dec[0].step(16)
+            compiled(16)
+    for a, b in zip((dec[0].out, dec[0].length, dec[0].live, dec[0].count), (dec[1].out, dec[1].length, dec[1].live, dec[1].count)):
+        assert torch.equal(a, b)
+    assert torch.allclose(dec[0].logits, dec[1].logits, atol=1e-5)
+    assert dec[0].length.tolist()[2] == 3 and dec[0].count.tolist()[2] == 0   # a frozen row does not advance
+
+
+def test_counter_based_draws():
+    keys, counters = torch.arange(20000) % 50, torch.arange(20000) // 50
+    u = M.uniforms(keys, counters)
+    assert u.dtype == torch.float64 and bool(((u > 0) & (u < 1)).all())
+    assert torch.equal(u, M.uniforms(keys, counters))                       # a pure function of (key, counter)
+    hist = torch.histc(u.float(), bins=10, min=0, max=1)
+    assert ((hist - 2000) ** 2 / 2000).sum() < 30                           # chi-square, 9 dof (p ~ 0.0004)
+    assert abs(torch.corrcoef(torch.stack([u[:-50], u[50:]]))[0, 1]) < 0.03  # consecutive counters of a key
+    assert len(set(M.uniforms(torch.tensor([2**40, 2**40 + 1, 1]), torch.zeros(3, dtype=torch.long)).tolist())) == 3
+    # a row's sample does not depend on the other rows of its batch
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    logits[3] = logits[1]
+    k, c = torch.tensor([3, 1, 4, 1, 5, 9]), torch.tensor([0, 2, 7, 2, 1, 8])
+    batch, _ = M.sample_tokens(logits, 1.0, 0, 1.0, k, c)
+    alone = [int(M.sample_tokens(logits[i:i + 1], 1.0, 0, 1.0, k[i:i + 1], c[i:i + 1])[0]) for i in range(6)]
+    assert batch.tolist() == alone and batch[1] == batch[3]
+
+
+def test_rollout_after_an_optimizer_step_reads_the_new_weights(tok):
+    # the engine keeps no copy of the weights (on CUDA: graphs captured with autocast's weight-cast cache off)
+    m = tiny(tok)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = m.to(dev)
+    eps = lambda: [FakeEpisode(2), FakeEpisode(2, user="Another prompt.")]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else contextlib.nullcontext():
+            out = run(m, tok, eps(), engine="static", temperature=1.0, seeds=[0, 1])
+        for row in out:   # the sampler's log-probs are the current model's
+            seg = row["segments"][0]
+            ids = torch.tensor([seg["ids"]], device=dev)
+            with torch.no_grad():
+                lp = M.token_logprobs(m(ids)[:, :-1], ids[:, 1:])[0].cpu()
+            mask = torch.tensor(seg["mask"][1:], dtype=torch.bool)
+            assert torch.allclose(torch.tensor(seg["logp"][1:])[mask], lp[mask], atol=1e-4 if dev == "cpu" else 0.1)
+        loss = m(torch.tensor([out[0]["segments"][0]["ids"]], device=dev)).logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()

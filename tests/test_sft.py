@@ -172,6 +172,28 @@ def test_packing_does_not_leak_attention(tasks, chat):
         assert torch.allclose(packed, want, atol=1e-5), (packed - want).abs().max()
 
 
+def test_document_masked_flex_attention_equals_the_dense_mask(tasks, chat):
+    # sft.py's GPU path gives the dense block-diagonal mask's logits and loss (flex_attention runs eagerly on the
+    # CPU, forward only: its CPU backward is not implemented; on a GPU the gradient is compared too)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny(chat).to(dev)
+    examples, _ = sft.encode(chat, tasks[:5], "full", 4096)
+    rows = [[0, 1, 2], [3, 4]]
+    batch = sft.make_batch(rows, examples, sum(len(examples[e][0]) for e in rows[0]) + 5, 0)
+    out = {}
+    for flex in (False, True):
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(dev == "cuda"):
+            logits, tgt, _ = sft.forward_packed(model, batch, dev, flex=flex)
+            loss = sft.loss_sum(model, batch, dev, flex=flex)
+        out[flex] = [logits.detach(), loss.detach()]
+        if dev == "cuda":
+            loss.backward()
+            out[flex].append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    for a, b in zip(out[False], out[True]):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+
+
 def grads(model, chat, examples, rows, device_batch_size):
     """The training loop's accumulation: micro-batches of device_batch_size rows, loss / global targets."""
     model.zero_grad(set_to_none=True)
