@@ -381,10 +381,12 @@ def main(args):
         gens = [args.seed * 1_000_003 + step * 10_007 + s * 101 + j for s in slots for j in range(G)]
         extra = random.Random(args.seed * 7919 + step * 31 + ddp_rank)
         results, rewards, parts, turn_r, zero_var, groups_seen = [], [], [], [], 0, 0
+        inject_s = 0.0   # rollout time in prefills and injections (the rest: decode steps and host work)
         for round_ in range(1 + (args.max_resample if args.dynamic_sampling else 0)):
             with M.autocast(device):   # the precision the trainer recomputes these log-probs in (bf16 on CUDA)
                 res = M.rollout(raw_model, chat, [make_episode(tasks[i], args) for i in picks for _ in range(G)],
                                 seeds=gens[:len(picks) * G], **sample_kw)
+            inject_s += res[0]["timing"]["inject_s"] if res else 0.0
             r, p, tr = episode_rewards(res, args)
             flat = (r.view(-1, G).max(1).values == r.view(-1, G).min(1).values).tolist()
             zero_var += sum(flat)
@@ -461,13 +463,13 @@ def main(args):
                "trained_frac": vec[22] / max(1, vec[23]),   # sequences that ran forward/backward (with_signal)
                "entropy": vec[16] / max(1, vec[20]), "clipfrac": vec[17] / max(1, vec[20]),   # over trained tokens
                "kl_old": vec[18] / max(1, vec[20]), "kl": vec[19] / max(1, vec[20]), "lr": lr, "grad_norm": float(gnorm),
-               "rollout_s": t_rollout, "train_s": t_train}
+               "rollout_s": t_rollout, "inject_frac": inject_s / max(t_rollout, 1e-9), "train_s": t_train}
         rec = {k: (int(v) if k == "step" else float(v)) for k, v in rec.items()}
         M.print0(f"step {step:4d}/{args.num_steps} | reward {rec['reward']:.3f} (fmt {rec['format']:.2f} turns {rec['turns']:.2f} "
                  f"succ {rec['success']:.2f} eff {rec['efficiency']:.2f} aw {rec['awareness']:.2f}) | turns {rec['turns_per_ep']:.1f} "
                  f"calls {rec['calls_per_ep']:.1f} | gen {int(rec['gen_tokens'])} inj {int(rec['inj_tokens'])} tok | "
                  f"zero-var {rec['zero_var_frac']:.2f} shaping-only {rec['shaping_frac']:.2f} success-split {rec['success_frac']:.2f} trained {rec['trained_frac']:.2f} | kl {rec['kl']:.4f} ent {rec['entropy']:.2f} clip {rec['clipfrac']:.3f} | "
-                 f"lr {lr:.2e} | rollout {t_rollout:.1f}s train {t_train:.1f}s")
+                 f"lr {lr:.2e} | rollout {t_rollout:.1f}s ({rec['inject_frac']:.0%} injecting) train {t_train:.1f}s")
         if master_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
