@@ -317,7 +317,7 @@ def teacher_forced(tasks, raw_model, chat, args, max_len, rank, world):
     message makes exactly the step's calls, so --compare pairs two models step by step."""
     steps = [(i, st) for i in range(rank, len(tasks), world) for st in tools.annotated_steps(tasks[i], args.context_mode)]
     replies = M.complete(raw_model, chat, [(st["context"], st["tools"], "") for _, st in steps], args.max_new_tokens,
-                         max_len, args.batch_size)
+                         max_len, args.batch_size, desc="teacher-forced steps")
     records = []
     for (i, st), reply in zip(steps, replies):
         why = tools.compare_calls(reply, st["calls"])
@@ -462,6 +462,7 @@ def main(args):
         return results
 
     records = []
+    bar = M.progress_bar(len(mine), "eval")
     for batch in batches:
         if args.time_limit > 0 and records and time.time() - t0 > args.time_limit:
             print(f"rank {ddp_rank}: --time-limit {args.time_limit:g} s reached after {len(records)} of {len(mine)} episodes")
@@ -477,7 +478,10 @@ def main(args):
                                  temperature=temperature, top_k=args.top_k, top_p=args.top_p, seeds=seeds,
                                  engine=args.engine, sync_every=args.sync_every, compile_step=args.compile_sampler)
         records += [episode_record(tasks[i], i, s, out, args.transcripts) for (i, s), out in zip(batch, outs)]
-        if raw_model is not None:
+        if not bar.disable:
+            bar.set_postfix(success=sum(r["success"] for r in records), refresh=False)
+            bar.update(len(batch))
+        elif raw_model is not None:
             M.print0(f"rank 0: {len(records)}/{len(mine)} episodes | success {sum(r['success'] for r in records)} "
                      f"| overflow {sum(r['overflow'] for r in records)} | {time.time() - t0:.0f} s")
         if not ddp and len(records) < len(mine):   # an interrupted eval keeps what it has done ("complete": false)

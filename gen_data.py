@@ -37,6 +37,8 @@ import sys
 import time
 from collections import Counter
 
+from tqdm import tqdm
+
 import tools
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1354,7 +1356,7 @@ def model_generator(path, device, max_new_tokens, max_len, batch_size):
     def generate(contexts):
         items = [(c[0], c[1], c[2] if len(c) > 2 else "") for c in contexts]
         with M.autocast(device):
-            return M.complete(mdl, chat, items, max_new_tokens, max_len, batch_size)
+            return M.complete(mdl, chat, items, max_new_tokens, max_len, batch_size, desc=os.path.basename(path))
     return generate
 
 
@@ -1750,7 +1752,7 @@ def main(argv=None):
     splits, dropped = {}, []
     for name, ts in tasks.items():
         lines = []
-        for i, task in enumerate(ts):
+        for i, task in enumerate(tqdm(ts, desc=f"{name} trajectories", disable=not sys.stdout.isatty(), leave=False)):
             task = dict(task, id=task.get("id") if args.source == "bfcl" else f"{name}-{i:05d}", split=name)
             line, why = sft_line(task, pa)
             if line is None:

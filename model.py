@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -1141,7 +1142,7 @@ def _bucket(n, cap):
 
 @torch.no_grad()
 def rollout(model, chat, episodes, max_new_tokens=256, max_len=2048, temperature=1.0, top_k=0, top_p=1.0,
-            seeds=None, use_cache=True, engine="auto", sync_every=8, compile_step=False):
+            seeds=None, use_cache=True, engine="auto", sync_every=8, compile_step=False, progress=None):
     """
     Drive `episodes` (objects with .tools, .reset() -> messages, .step(text) -> (kind, messages)) to the end
     with batched sampling. Rows whose first context is identical (a GRPO group) share one prefill that is
@@ -1172,11 +1173,11 @@ def rollout(model, chat, episodes, max_new_tokens=256, max_len=2048, temperature
         raise ValueError(f"seeds: one int >= 0 per episode ({len(episodes)}), got {len(seeds)}")
     with decode_layout(model, len(episodes)) if engine == "eager" else contextlib.nullcontext():
         return _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k, top_p, seeds, use_cache,
-                        engine, sync_every, compile_step)
+                        engine, sync_every, compile_step, progress)
 
 
 def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k, top_p, seeds, use_cache, engine,
-             sync_every, compile_step):
+             sync_every, compile_step, progress):
     device = next(model.parameters()).device
     rows = [Row(ep) for ep in episodes]
     B = len(rows)
@@ -1206,6 +1207,8 @@ def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k,
             cache.restart(r)
         if len(ids) + 1 >= max_len:
             rows[r].done = rows[r].truncated = True
+            if progress is not None:
+                progress.update(1)
             return None
         rows[r].new_segment(messages, ids, len(text))
         rows[r].injected_tokens += len(ids)
@@ -1230,6 +1233,8 @@ def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k,
         kind, new = row.ep.step(text)
         if kind == "done":
             row.done = True
+            if progress is not None:
+                progress.update(1)
             return None
         if kind == "reset":
             return start_context(r, new)
@@ -1241,6 +1246,8 @@ def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k,
         ids = ([] if ended else [chat.end_id]) + chat.encode(full[done_chars:])
         if row.length + len(ids) + 1 >= max_len:
             row.done = row.truncated = True
+            if progress is not None:
+                progress.update(1)
             return None
         row.add(ids)
         row.injected_tokens += len(ids)
@@ -1351,15 +1358,16 @@ class _Once:
         return "done", []
 
 
-def complete(model, chat, items, max_new_tokens=160, max_len=4096, batch_size=16):
+def complete(model, chat, items, max_new_tokens=160, max_len=4096, batch_size=16, desc=None):
     """Greedy next assistant messages: items = [(messages, tools, prefix)] -> [text], one per item, in batches
     through rollout. The message starts with `prefix` (forced, not sampled; '' = none); the text returned
-    includes it. A context too long for max_len gets the prefix alone."""
-    out = []
+    includes it. A context too long for max_len gets the prefix alone. desc: a progress bar's name (terminal)."""
+    out, bar = [], progress_bar(len(items), desc or "complete")
     for i in range(0, len(items), batch_size):
         eps = [_Once(*it) for it in items[i:i + batch_size]]
-        rollout(model, chat, eps, max_new_tokens=max_new_tokens, max_len=max_len, temperature=0.0)
+        rollout(model, chat, eps, max_new_tokens=max_new_tokens, max_len=max_len, temperature=0.0, progress=bar)
         out += [e.prefix + e.text for e in eps]
+    bar.close()
     return out
 
 # -----------------------------------------------------------------------------
@@ -1403,8 +1411,30 @@ def cleanup_runtime():
 
 
 def print0(*args, **kwargs):
+    """print on rank 0 only; on a terminal through tqdm, so that a progress bar stays at the bottom."""
     if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+            tqdm.write(" ".join(map(str, args)))
+        else:
+            print(*args, **kwargs, flush=True)
+
+
+def progress_bar(total, desc, initial=0, leave=True):
+    """A tqdm bar on rank 0 when stdout is a terminal, else a disabled one (bar.disable: the caller prints its
+    one-line-per-step logs instead, which files and non-terminals keep)."""
+    from tqdm import tqdm
+    on = int(os.environ.get("RANK", 0)) == 0 and sys.stdout.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, disable=not on, dynamic_ncols=True, leave=leave)
+
+
+def log_step(bar, line, **postfix):
+    """One training step done: the bar moves (with the figures that matter in its postfix), or the line prints."""
+    if bar.disable:
+        print0(line)
+    else:
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
 
 
 def tiny_config(vocab_size, **overrides):

@@ -344,6 +344,7 @@ def main(args):
     local = args.prompts_per_step // ddp_world_size
     G = args.group_size
 
+    bar = M.progress_bar(args.num_steps, "rl", initial=start)
     for step in range(start, args.num_steps + 1):
         # out of time (after at least one step): all ranks agree, so they evaluate, save and stop at the same step
         late = args.time_limit > 0 and step > start and all_reduce(torch.tensor([float(time.time() - t_start > args.time_limit)]))[0] > 0
@@ -384,8 +385,10 @@ def main(args):
         inject_s = 0.0   # rollout time in prefills and injections (the rest: decode steps and host work)
         for round_ in range(1 + (args.max_resample if args.dynamic_sampling else 0)):
             with M.autocast(device):   # the precision the trainer recomputes these log-probs in (bf16 on CUDA)
+                inner = M.progress_bar(len(picks) * G, f"step {step} rollouts", leave=False)
                 res = M.rollout(raw_model, chat, [make_episode(tasks[i], args) for i in picks for _ in range(G)],
-                                seeds=gens[:len(picks) * G], **sample_kw)
+                                seeds=gens[:len(picks) * G], progress=inner, **sample_kw)
+                inner.close()
             inject_s += res[0]["timing"]["inject_s"] if res else 0.0
             r, p, tr = episode_rewards(res, args)
             flat = (r.view(-1, G).max(1).values == r.view(-1, G).min(1).values).tolist()
@@ -465,11 +468,12 @@ def main(args):
                "kl_old": vec[18] / max(1, vec[20]), "kl": vec[19] / max(1, vec[20]), "lr": lr, "grad_norm": float(gnorm),
                "rollout_s": t_rollout, "inject_frac": inject_s / max(t_rollout, 1e-9), "train_s": t_train}
         rec = {k: (int(v) if k == "step" else float(v)) for k, v in rec.items()}
-        M.print0(f"step {step:4d}/{args.num_steps} | reward {rec['reward']:.3f} (fmt {rec['format']:.2f} turns {rec['turns']:.2f} "
+        M.log_step(bar, f"step {step:4d}/{args.num_steps} | reward {rec['reward']:.3f} (fmt {rec['format']:.2f} turns {rec['turns']:.2f} "
                  f"succ {rec['success']:.2f} eff {rec['efficiency']:.2f} aw {rec['awareness']:.2f}) | turns {rec['turns_per_ep']:.1f} "
                  f"calls {rec['calls_per_ep']:.1f} | gen {int(rec['gen_tokens'])} inj {int(rec['inj_tokens'])} tok | "
                  f"zero-var {rec['zero_var_frac']:.2f} shaping-only {rec['shaping_frac']:.2f} success-split {rec['success_frac']:.2f} trained {rec['trained_frac']:.2f} | kl {rec['kl']:.4f} ent {rec['entropy']:.2f} clip {rec['clipfrac']:.3f} | "
-                 f"lr {lr:.2e} | rollout {t_rollout:.1f}s ({rec['inject_frac']:.0%} injecting) train {t_train:.1f}s")
+                 f"lr {lr:.2e} | rollout {t_rollout:.1f}s ({rec['inject_frac']:.0%} injecting) train {t_train:.1f}s",
+                   reward=f"{rec['reward']:.3f}", success=f"{rec['success']:.2f}", rollout_s=f"{t_rollout:.0f}")
         if master_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -307,6 +307,7 @@ def main(args):
     stop_at = args.num_steps if args.stop_at < 0 else min(args.stop_at, args.num_steps)
     per_rank = rows_per_step // ddp_world_size
     train_time = 0.0  # seconds spent in training steps, for the ETA
+    bar = M.progress_bar(stop_at, "sft", initial=start_step)
     for step in range(start_step, args.num_steps + 1):
         # out of time (after at least one step): all ranks agree, so they save and stop at the same step
         late = args.time_limit > 0 and step > start_step and reduce_sum([time.time() - t_start > args.time_limit], device, ddp)[0] > 0
@@ -379,9 +380,11 @@ def main(args):
         dt = time.time() - t0
         train_time += dt
         eta = train_time / (step + 1 - start_step) * (stop_at - step - 1) / 60
-        M.print0(f"step {step + 1:5d}/{args.num_steps} | loss {train_loss:.4f} | lr {lr:.2e} | gnorm {float(gnorm):.3f} "
-                 f"| targets {n_targets:6.0f} | {dt * 1000:6.0f} ms | {n_tokens / dt:7.0f} tok/s | pad {pad:4.1%} | eta {eta:.1f} min")
+        M.log_step(bar, f"step {step + 1:5d}/{args.num_steps} | loss {train_loss:.4f} | lr {lr:.2e} | gnorm {float(gnorm):.3f} "
+                   f"| targets {n_targets:6.0f} | {dt * 1000:6.0f} ms | {n_tokens / dt:7.0f} tok/s | pad {pad:4.1%} | eta {eta:.1f} min",
+                   loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{n_tokens / dt:.0f}")
         log({"step": step + 1, "loss": train_loss, "lr": lr, "gnorm": float(gnorm), "targets": n_targets, "tokens": n_tokens, "pad": pad, "dt": dt})
+    bar.close()
     M.cleanup_runtime()
 
 
