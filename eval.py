@@ -96,6 +96,14 @@ parser.add_argument("--transcripts", action="store_true", help="keep each episod
 parser.add_argument("--out-file", default="",
                     help="results JSON; empty = out/eval/<bench>-<model>-<setting>.json, <bench> being the data "
                          "file's name for synthetic tasks (test, val) so val and test evals do not overwrite each other")
+parser.add_argument("--results", default="", metavar="results/PRESET/ROW.json",
+                    help="also record this eval in a compact results file (config, commit, hardware, wall times, metrics, "
+                         "per-episode success; no transcripts): one file per table row, each eval of the row (synthetic, "
+                         "bfcl-ours, bfcl-official) a section of it; --table prints the table from these files")
+parser.add_argument("--row", default="", help="--results: the row's label in the table (default: the file's name)")
+parser.add_argument("--table", default="", metavar="results/PRESET",
+                    help="run nothing: print the Markdown results table of a preset's results files (rows over seeds as "
+                         "mean +- sd), the table the README pastes")
 # runtime
 parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                     help="run nothing: print two results files' rows and their task success paired by episode, with a "
@@ -293,20 +301,28 @@ def compare(path_a, path_b):
                 res.append(json.load(f))
         except (OSError, ValueError) as e:
             raise SystemExit(f"--compare: cannot read {p}: {e}")
-    try:
-        a, b = ({(r["id"], r["sample"]): r["success"] for r in x["records"]} for x in res)
-    except (KeyError, TypeError) as e:
-        raise SystemExit(f"--compare: not an eval.py results file (no {e} in its records)")
+    if all("evals" in x for x in res):   # two rows' compact results files (--results): their synthetic evals
+        try:
+            a, b = (x["evals"]["synthetic"]["episodes"] for x in res)
+        except KeyError:
+            raise SystemExit("--compare: a results file without a synthetic eval")
+        lines = [f"{p}: {x['row']}, success {fmt(x['evals']['synthetic']['summary']['success'], True)}%"
+                 for p, x in zip((path_a, path_b), res)]
+    else:
+        try:
+            a, b = ({(r["id"], r["sample"]): r["success"] for r in x["records"]} for x in res)
+        except (KeyError, TypeError) as e:
+            raise SystemExit(f"--compare: not an eval.py results file (no {e} in its records)")
+        lines = [markdown(res[0]), markdown(res[1]).split("\n")[-1]]
+        for p, x in zip((path_a, path_b), res):
+            s = x["summary"]
+            if "after_error" in s:   # results files written before this count was kept lack it
+                lines.append(f"{p}: {s['stops_after_error']} of {s['after_error']} messages after a tool error end the turn")
     if set(a) != set(b):
         raise SystemExit(f"--compare: the files hold different episodes ({len(set(a) ^ set(b))} not in both); "
                          "evaluate both on the same --data, --limit and --samples")
     pairs = Counter((bool(a[k]), bool(b[k])) for k in a)   # (solved by A, solved by B) -> episodes
     both, only_a, only_b, neither = pairs[True, True], pairs[True, False], pairs[False, True], pairs[False, False]
-    lines = [markdown(res[0]), markdown(res[1]).split("\n")[-1]]
-    for p, x in zip((path_a, path_b), res):
-        s = x["summary"]
-        if "after_error" in s:   # results files written before this count was kept lack it
-            lines.append(f"{p}: {s['stops_after_error']} of {s['after_error']} messages after a tool error end the turn")
     lines.append(f"paired over {len(a)} episodes: solved by both {both}, only by A {only_a}, only by B {only_b}, "
                  f"by neither {neither}; two-sided sign test p = {sign_test(only_a, only_b):.3f}")
     return "\n".join(lines)
@@ -333,6 +349,90 @@ def teacher_forced_summary(records):
                 "function": sum(r["function"] for r in rs) / max(1, len(rs)),
                 "no_call": sum(r["reason"] == "no tool call" for r in rs)}
     return rates(records), {t: rates([r for r in records if r["type"] == t]) for t in sorted({r["type"] for r in records})}
+
+
+def hardware(device):
+    """The machine, in words: the GPU's name, or the CPU model and its core count."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name()
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 "CPU") if os.path.exists("/proc/cpuinfo") else "CPU"
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def train_seconds(ckpt):
+    """Wall time of the training run that wrote a checkpoint, from its log.jsonl (sft: step times; rl: rollout +
+    train per step); None for a checkpoint without one (a base model)."""
+    path = os.path.join(ckpt, "log.jsonl") if ckpt and os.path.isdir(ckpt) else ""
+    if not os.path.exists(path):
+        return None
+    total = 0.0
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            total += r.get("dt", 0.0) + r.get("rollout_s", 0.0) + r.get("train_s", 0.0) + r.get("eval_s", 0.0)
+    return round(total, 1)
+
+
+def record_results(path, row, results, section):
+    """Add one eval (section: synthetic | bfcl-ours | bfcl-official) to a row's compact results file, atomically."""
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data.update(row=row or data.get("row") or os.path.splitext(os.path.basename(path))[0],
+                checkpoint=results["checkpoint"], model=results["model"], train_s=train_seconds(results["checkpoint"]))
+    keep = {"setting", "commit", "complete", "world_size", "device", "wall_s", "summary", "by_slice", "bfcl"}
+    data.setdefault("evals", {})[section] = {**{k: v for k, v in results.items() if k in keep},
+                                             "hardware": hardware(results["device"]), "args": results["args"],
+                                             "episodes": {f"{r['id']}#{r['sample']}": bool(r["success"]) for r in results["records"]}}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def mean_sd(xs, pct=True, digits=1):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    k = 100 if pct else 1
+    m = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f"{k * m:.{digits}f}"
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+    return f"{k * m:.{digits}f} ± {k * sd:.{digits}f}"
+
+
+def table(directory):
+    """The Markdown results table of a preset: one line per row (the files <row>.json, or <row>-s<seed>.json for
+    seeds, aggregated as mean ± sd), in file-name order."""
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".json")) if os.path.isdir(directory) else []
+    if not files:
+        raise SystemExit(f"--table {directory}: no results files there (run the recipe first)")
+    rows = {}
+    for f in files:
+        with open(os.path.join(directory, f)) as fh:
+            d = json.load(fh)
+        rows.setdefault(d["row"], []).append(d)
+    head = ["row", "seeds", "task success (%)", "long-horizon (%)", "call precision / recall (%)", "BFCL ours (%)",
+            "BFCL official (%)", "train wall time (s)", "hardware", "commit"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, ds in rows.items():
+        syn = [d["evals"].get("synthetic") for d in ds]
+        summ = [e["summary"] for e in syn if e]
+        longh = [e["by_slice"].get("long_horizon", {}).get("success") for e in syn if e]
+        bf = {k: [d["evals"][k]["bfcl"]["overall"] for d in ds if k in d["evals"]] for k in ("bfcl-ours", "bfcl-official")}
+        evals = [e for d in ds for e in d["evals"].values()]
+        commits = sorted({(e["commit"] or "?")[:7] + ("+dirty" if (e["commit"] or "").endswith("-dirty") else "")
+                          for e in evals})
+        cells = [name, str(len(ds)), mean_sd([x["success"] for x in summ]), mean_sd(longh),
+                 f"{mean_sd([x['precision'] for x in summ])} / {mean_sd([x['recall'] for x in summ])}",
+                 mean_sd(bf["bfcl-ours"]), mean_sd(bf["bfcl-official"]),
+                 mean_sd([d["train_s"] for d in ds], pct=False, digits=0), evals[0]["hardware"] if evals else "-",
+                 ", ".join(f"`{c}`" for c in commits)]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def commit_hash():
@@ -365,6 +465,9 @@ def resolve_ckpt(ckpt):
 def main(args):
     if args.compare:
         print(compare(*args.compare))
+        return
+    if args.table:
+        print(table(args.table))
         return
     ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = M.init_runtime(args.device, args.seed)
     master_process = ddp_rank == 0
@@ -493,6 +596,9 @@ def main(args):
 
     if master_process:
         results = write(records, len(records) == len(tasks) * args.samples)
+        if args.results:
+            record_results(args.results, args.row, results, "synthetic" if args.bench == "synthetic" else
+                           f"bfcl-{args.bfcl_prompt}")
         for kind, v in results["by_type"].items():
             print(f"  {kind:15s} turns {fmt(v['turns'], True):>5} of {v['turns_n']:4d} | precision {fmt(v['precision'], True):>5} "
                   f"| recall {fmt(v['recall'], True):>5} | success of its {v['tasks_n']} tasks {fmt(v['success'], True)}")
