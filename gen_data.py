@@ -57,6 +57,9 @@ parser.add_argument("--held-out-pairs", default="book_flight+send_message,place_
                     help="function pairs never together in train/val/rl, only in test: 'f+g,h+k'")
 parser.add_argument("--turn-decay", type=float, default=0.7, help="P(n+1 turns) / P(n turns) within a split's turn range (ratio)")
 parser.add_argument("--multi-intent", type=float, default=0.25, help="probability that a user turn asks for 2-3 things (fraction)")
+parser.add_argument("--domains", default="files,messages,calendar,bank,travel,home,math",
+                    help="the slice of the tool world episodes draw on (comma-separated domains); held-out pairs outside "
+                         "it are dropped, and so are the variants it cannot make (error recovery: files, bank or calendar)")
 parser.add_argument("--distractor-tools", type=int, default=1, help="functions offered beyond the ones the episode uses (count)")
 parser.add_argument("--bfcl-categories", default="base,miss_func,miss_param,long_context", help="--source bfcl: categories")
 parser.add_argument("--bfcl-limit", type=int, default=0, help="--source bfcl: entries per category (0 = all)")
@@ -1290,15 +1293,14 @@ def make_tasks(rng, count, turns_range, mix, args, want_pairs=(), forbid_pairs=(
         want = list(rng.choice(want_pairs)) if want_pairs else []
         v = rng.choices(variants, weights)[0]
         n = rng.choices(lengths, length_w)[0]
-        if v in ("miss_param", "miss_func") and n < 2:
+        pool = args.domains.split(",")
+        fit = {"error_recovery": sorted(set(ERRORS) & set(pool)), "long_context": sorted(set(LONG) & set(pool))}
+        if v in ("miss_param", "miss_func") and n < 2 or v in fit and not fit[v]:
             v = "normal"
-        k = rng.choices([1, 2, 3], [0.45, 0.4, 0.15])[0]
-        pool = ["files", "messages", "calendar", "bank", "travel", "home", "math"]
+        k = min(len(pool), rng.choices([1, 2, 3], [0.45, 0.4, 0.15])[0])
         domains = {tools.OWNER[f] for f in want}
-        if v == "error_recovery":
-            domains.add(rng.choice(sorted(ERRORS)))
-        if v == "long_context":
-            domains.add(rng.choice(sorted(LONG)))
+        if v in fit:
+            domains.add(rng.choice(fit[v]))
         while len(domains) < k:
             domains.add(rng.choice(pool))
         task = build_episode(rng, n, v, sorted(domains), args.long_min_chars, want, args.multi_intent)
@@ -1566,7 +1568,7 @@ def synthetic_splits(args, rng):
     mix = {"normal": max(0.0, 1 - args.miss_param_rate - args.miss_func_rate - args.long_context_rate - args.error_recovery_rate),
            "miss_param": args.miss_param_rate, "miss_func": args.miss_func_rate, "long_context": args.long_context_rate,
            "error_recovery": args.error_recovery_rate}
-    pairs = parse_pairs(args.held_out_pairs)
+    pairs = [p for p in parse_pairs(args.held_out_pairs) if {tools.OWNER[f] for f in p} <= set(args.domains.split(","))]
     n_val, n_test, n_long = (round(args.num_episodes * f) for f in (args.val_frac, args.test_frac, args.test_long_frac))
     n_train = args.num_episodes - n_val - n_test - n_long
     short = (1, args.max_turns)
@@ -1577,7 +1579,7 @@ def synthetic_splits(args, rng):
     test = make_tasks(random.Random(rng.random()), n_test, (2, args.max_turns), mix, args, want_pairs=pairs)
     long_ = make_tasks(random.Random(rng.random()), n_long, (args.max_turns + 1, args.long_turns), mix, args, forbid_pairs=pairs)
     for t in test:
-        t["tags"]["slice"] = "held_out_composition"
+        t["tags"]["slice"] = "held_out_composition" if pairs else "test"
     for t in long_:
         t["tags"]["slice"] = "long_horizon"
     test = dedupe(test + long_, seen)
@@ -1702,6 +1704,9 @@ def check_args(args):
         raise SystemExit("--turn-decay must be in (0, 10] and --multi-intent in [0, 1]")
     if args.num_episodes < 1 or args.num_rl < 0 or args.distractor_tools < 0:
         raise SystemExit("--num-episodes must be >= 1, --num-rl and --distractor-tools >= 0")
+    unknown = set(args.domains.split(",")) - set(FRESH)
+    if unknown or not args.domains:
+        raise SystemExit(f"--domains: unknown {sorted(unknown)}; choose from {','.join(FRESH)}")
     if not 1 <= args.max_turns < args.long_turns or args.long_turns > 8 or args.max_turns < 2:
         raise SystemExit("need 2 <= --max-turns < --long-turns <= 8")
     if (args.verify_with or args.teacher) and args.pa == "none":

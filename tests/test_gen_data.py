@@ -520,3 +520,13 @@ def test_every_intent_declares_its_functions():
     intents = {f for fs in G.FRESH.values() for f in fs} | {f for fs in G.CONSUMERS.values() for f in fs} | \
         set(G.ERRORS.values()) | set(G.LONG.values())
     assert intents <= set(G.FUNCS) and all(set(v.split()) <= set(tools.SCHEMAS) for v in G.FUNCS.values())
+
+
+def test_domains_slice_the_tool_world(tmp_path):
+    splits, st = G.main(["--num-episodes", "60", "--num-rl", "6", "--stats-sample", "10", "--stats-vocab-size", "300",
+                         "--domains", "math,bank", "--out-dir", str(tmp_path)])
+    used = {tools.OWNER[c["name"]] for lines in splits.values() for t in lines for x in t["turns"] for s in x["gt"] for c in s}
+    assert used <= {"math", "bank"} and used
+    assert all(t["tags"]["slice"] in ("test", "long_horizon") for t in splits["test"])   # no held-out pair fits
+    p = run_cli("--domains", "math,cooking", "--out-dir", str(tmp_path / "x"), "--num-episodes", "20")
+    assert p.returncode != 0 and "--domains: unknown ['cooking']" in p.stderr
