@@ -262,12 +262,12 @@ def _flex(q, k, v, block_mask, gqa):
 
 def document_mask(doc):
     """doc (B, T): the example number of each token of packed rows (-1 = pad) -> a flex_attention BlockMask: causal
-    within each example (pads see pads, as in the dense block-diagonal mask)."""
+    within each example; pads attend to nothing (nothing reads them: they carry no loss)."""
     B, T = doc.shape
 
-    def same_doc_causal(b, h, q, kv):
-        return (doc[b, q] == doc[b, kv]) & (q >= kv)
-    return create_block_mask(same_doc_causal, B, None, T, T, device=doc.device)
+    def same_doc_causal(b, h, q, kv):   # pads (-1) see nothing: their rows come out 0 and no tile of pads is computed
+        return (doc[b, q] == doc[b, kv]) & (q >= kv) & (doc[b, q] >= 0)
+    return create_block_mask(same_doc_causal, B, None, T, T, device=doc.device, _compile=doc.is_cuda)
 
 
 class MLP(nn.Module):
@@ -970,8 +970,8 @@ def uniforms(keys, counters):
     runs inside a CUDA graph."""
     h = _fmix32((keys & _M32) ^ _fmix32(((keys >> 32) & _M32) ^ 0x9E3779B9))
     h = _fmix32(h ^ _fmix32((counters & _M32) ^ 0x85EBCA77))
-    lo = _fmix32(h ^ 0x165667B1) >> 11                      # 21 more bits: 53 in all, a double's mantissa
-    return (h.double() * 2.0 ** 21 + lo.double() + 0.5) / 2.0 ** 53
+    lo = _fmix32(h ^ 0x165667B1) >> 12                      # 20 more bits: 52 in all, so (x + 0.5) / 2^52 < 1 exactly
+    return (h.double() * 2.0 ** 20 + lo.double() + 0.5) / 2.0 ** 52
 
 
 def sample_tokens(logits, temperature, top_k, top_p, keys=None, counters=None):
@@ -1106,17 +1106,21 @@ class StaticDecoder:
             return self.graphs[kv_len]
         state = (self.logits, self.length, self.n_msg, self.count, self.live, self.out, self.j)
         saved = [t.clone() for t in state]
+
+        def restore():
+            for t, v in zip(state, saved):
+                t.copy_(v)
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        ac = lambda: torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()  # noqa: E731
         g = None
         for fn in ([torch.compile(self.step, fullgraph=True, dynamic=False)] if self.compile_step else []) + [self.step]:
             try:
-                ac = lambda: torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()  # noqa: E731
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side), ac():
-                    for _ in range(2):   # warm-up outside the graph; it writes the cache only past every row's context
-                        fn(kv_len)
+                    fn(kv_len)   # warm-up outside the graph (compiles); it writes the cache only past every row's context
                 torch.cuda.current_stream().wait_stream(side)
+                restore()        # the capture records the step from the window's start state (j = 0)
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g), ac():
                     fn(kv_len)
@@ -1125,12 +1129,12 @@ class StaticDecoder:
                 g = None
                 print(f"model.StaticDecoder: CUDA graph capture {'of the compiled step ' if fn is not self.step else ''}"
                       f"failed ({type(e).__name__}: {str(e)[:160]})")
+            finally:
+                restore()
         if g is None:
             print("model.StaticDecoder: decoding with eager static steps")
             self.graphs = None
-        for t, v in zip(state, saved):
-            t.copy_(v)
-        if self.graphs is not None:
+        else:
             self.graphs[kv_len] = g
         return g
 
@@ -1168,6 +1172,8 @@ def rollout(model, chat, episodes, max_new_tokens=256, max_len=2048, temperature
         engine = "static" if next(model.parameters()).is_cuda and use_cache else "eager"
     if engine not in ("eager", "static") or (engine == "static" and not use_cache):
         raise ValueError(f"engine {engine!r}: choose eager, static or auto (static needs the cache)")
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
     seeds = list(range(len(episodes))) if seeds is None else list(seeds)
     if len(seeds) != len(episodes) or any(not isinstance(x, int) or x < 0 for x in seeds):
         raise ValueError(f"seeds: one int >= 0 per episode ({len(episodes)}), got {len(seeds)}")

@@ -47,7 +47,8 @@ parser.add_argument("--pa", choices=["auto", "on", "off"], default="auto",
                          "auto = on iff the training data's assistant messages carry <summary>")
 parser.add_argument("--awareness-weight", type=float, default=1.0,
                     help="loss weight of <summary>/<plan> tokens relative to calls and replies (1 = plain SFT on "
-                         "everything; 0 = the loss of the calls alone, to compare PAG and plain SFT at an equal budget on calls)")
+                         "everything; 0 = the loss of the calls alone, to compare PAG and plain SFT at an equal budget on "
+                         "calls). The logged train and val losses are weighted the same way")
 parser.add_argument("--seq-len", type=int, default=4096, help="tokens per row; longer examples are cut (counted)")
 parser.add_argument("--pack", choices=["auto", "on", "off"], default="auto",
                     help="pack several examples per row (block-diagonal mask) or one per row; auto = on for CUDA, off for CPU")
@@ -155,10 +156,12 @@ def forward_packed(model, batch, device, flex=None):
     flex (default: on CUDA): document-masked flex_attention, which computes only the tiles of each example's
     causal triangle (a dense (B, 1, T, T) mask keeps SDPA off its flash kernels and computes every tile)."""
     idx, tgt, wts, pos, doc = batch
-    T = int((doc >= 0).sum(1).max())
+    flex = (str(device).startswith("cuda") if flex is None else flex) and int(doc.max()) > 0
+    # flex: the whole row, so its compiled kernel sees one shape (a new length would recompile); its pad tiles cost nothing
+    T = doc.shape[1] if flex else int((doc >= 0).sum(1).max())
     idx, tgt, wts, pos, doc = (x[:, :T].to(device) for x in (idx, tgt, wts, pos, doc))
     mask = None  # one example per row: plain causal attention (the fast kernel) is exactly block-diagonal
-    if int(doc.max()) > 0 and (str(device).startswith("cuda") if flex is None else flex):
+    if flex:
         mask = M.document_mask(doc)
     elif int(doc.max()) > 0:
         # block-diagonal causal: a token sees only earlier tokens of its own example (pads see pads: no NaN rows)

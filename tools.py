@@ -1712,8 +1712,10 @@ def carry_text(summary, plan, request) -> str:
 
 def carry_next(summary, plan, parsed):
     """(summary, plan) a summary-mode turn carries after the parsed message: the last summary and the plan written
-    with it; a final reply (summary, no plan) closes the plan."""
-    return (parsed.summary or summary, parsed.plan) if parsed.summary or parsed.plan else (summary, plan)
+    with it (an empty summary is one: nothing to carry); a final reply (summary, no plan) closes the plan."""
+    if parsed.summary is None and not parsed.plan:
+        return summary, plan
+    return (summary if parsed.summary is None else parsed.summary), parsed.plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1741,33 +1743,15 @@ def _mentions(text, v):
     return has_word(text, v) or (escaped != v and has_word(text, escaped))
 
 
-def _result_pairs(text):
-    """(key, scalar) pairs of a JSON tool result, innermost key first seen; [] if the text is not JSON."""
-    out = []
-
-    def walk(x, key):
-        if isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, k)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v, key)
-        elif isinstance(x, (str, int, float)) and not isinstance(x, bool) and key:
-            out.append((key, str(x)))
-    try:
-        walk(json.loads(text), None)
-    except (ValueError, TypeError, RecursionError):
-        pass
-    return out
-
-
 def remaining_steps(spec, rec):
     """This turn's ground-truth steps not made yet (a step = the calls of one message), as far as can be known
     now: before any call of the turn has failed, the plan ends at the step expected to fail (spec["fails"]).
     Calls already made and executed, even with an error result, are matched off as a multiset, in order."""
     steps = spec["gt"]
-    if spec.get("fails") and not any(e is not None for e in rec["errors"]):
-        steps = steps[:min(spec["fails"]) + 1]
+    if spec.get("fails"):   # the recovery is known once a call of the failing step's function has failed
+        failing = {c["name"] for c in steps[min(spec["fails"])]}
+        if not any(e is not None and c["name"] in failing for c, e in zip(rec["calls"], rec["errors"])):
+            steps = steps[:min(spec["fails"]) + 1]
     made = Counter(_call_key(c) for c, ok in zip(rec["calls"], rec["executed"]) if ok)
     out = []
     for step in steps:
@@ -1820,7 +1804,10 @@ def expected_progress(ep, final=False):
         known = [kv for kv in known if kv[1] not in {v for _, v in new}] + new
     steps = remaining_steps(spec, rec)
     request = spec["user"] + " " + prev.get("pending", "")
-    in_view = [t for t, e in zip(rec["results"], rec["errors"]) if e is None] + [v for _, v in known]
+    # in view: this turn's results, and what earlier turns left: in summary context mode the carried summary as the
+    # model wrote it (it is all the context holds), else the referents learned (what the reference summaries state)
+    carried = [rec["user"]] if ep.context_mode == "summary" and ti else [v for _, v in known]
+    in_view = [t for t, e in zip(rec["results"], rec["errors"]) if e is None] + carried
     facts = []
     for step in steps:
         for c in step:
@@ -1856,11 +1843,12 @@ def summary_errors(summary, ep):
     """What a summary written as the next message of `ep` states that is not true (empty list: all true):
     'Done:' names that no call of this turn succeeded with, 'Failed:' names whose latest call did not fail,
     'Known:' values and any other value it states (ids, numbers, dates, paths: a token with a digit) that no tool
-    result so far and no user turn so far contains. Free-form notes (an LLM teacher's) are checked by the last rule."""
+    result, no call and no user turn so far contains (learned()'s rule). Free-form notes (an LLM teacher's) are checked by the last rule."""
     if not summary:
         return []
     p, ti = expected_progress(ep), len(ep.turns) - 1
-    seen = [r for t in ep.turns for r in t["results"]] + [ep.specs[j]["user"] for j in range(ti + 1)]
+    seen = [r for t in ep.turns for r in t["results"]] + [ep.specs[j]["user"] for j in range(ti + 1)] + \
+        [json.dumps(c["arguments"], ensure_ascii=False) for t in ep.turns for c in t["calls"]]
     bad = []
     m = re.search(r"Done: (.*?)\.(?: [A-Z][a-z]+:|$)", summary)
     for n in (m.group(1).split(", ") if m else []):

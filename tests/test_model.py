@@ -540,3 +540,8 @@ def test_rollout_after_an_optimizer_step_reads_the_new_weights(tok):
         loss.backward()
         opt.step()
         opt.zero_grad()
+
+
+def test_sync_every_must_be_positive(tok):
+    with pytest.raises(ValueError, match="sync_every"):
+        run(tiny(tok), tok, [FakeEpisode(2)], engine="static", sync_every=0)

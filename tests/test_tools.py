@@ -643,3 +643,26 @@ def test_bfcl_task_format(bfcl):
     t0 = tools.bfcl_tasks("miss_func", 1)[0]
     assert {"name": "sort", "arguments": {"file_name": "final_report.pdf"}} in [c for turn in t0["turns"]
                                                                                  for s in turn["gt"] for c in s]
+
+
+def test_carry_next_takes_an_empty_summary():
+    # an empty summary means "nothing to carry", not "no summary written": it replaces the previous one
+    p = lambda text: tools.parse_message(text)  # noqa: E731
+    assert tools.carry_next("old", "Next: x.", p("<summary></summary>Done.")) == ("", None)
+    assert tools.carry_next("old", "Next: x.", p("Done.")) == ("old", "Next: x.")
+    assert tools.carry_next("old", None, p("<summary>new</summary><plan>Next: y.</plan>")) == ("new", "Next: y.")
+
+
+def test_the_recovery_is_planned_only_after_the_failing_call_fails():
+    spec = {"user": "buy", "fails": [0], "gt": [[{"name": "place_order", "arguments": {"p": 1}}],
+                                                [{"name": "get_quote", "arguments": {}}],
+                                                [{"name": "place_order", "arguments": {"p": 2}}]]}
+    rec = {"calls": [], "executed": [], "errors": []}
+    names = lambda: [[c["name"] for c in s] for s in tools.remaining_steps(spec, rec)]  # noqa: E731
+    assert names() == [["place_order"]]
+    rec.update(calls=[{"name": "nope", "arguments": {}}], executed=[False], errors=["unknown function 'nope'"])
+    assert names() == [["place_order"]]          # an unrelated error tells nothing about the order
+    rec["calls"].append({"name": "place_order", "arguments": {"p": 1}})
+    rec["executed"].append(True)
+    rec["errors"].append("price changed")
+    assert names() == [["get_quote"], ["place_order"]]
