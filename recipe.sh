@@ -5,6 +5,7 @@
 #   bash recipe.sh cpu       # the 2-core default: tiny model from scratch, 3 seeds (about 2 hours)
 #   bash recipe.sh gpu       # one GPU, SmolLM2-135M-Instruct (offline GGUF), sized for about 10 minutes on an H200
 #   bash recipe.sh gpu --force   # rerun every stage (default: a stage whose output is complete is skipped)
+#   RECIPE_SMALL=1 bash recipe.sh gpu   # the same commands at toy sizes, to check a preset where it cannot run (CPU)
 #
 # Rows: 0 the base model zero-shot (gpu only: a tiny model from scratch has no base), 1 SFT without progress
 # awareness, 2 PAG-SFT, 3 MT-GRPO (RL without awareness, turn-level credit) from 1, 4 PAG-RL (full context) from 2,
@@ -70,6 +71,16 @@ case $preset in
     BFCL=(--bench bfcl --limit 5 --batch-size 20 --max-new-tokens 160 --max-steps 6)
     ;;
 esac
+
+if [[ -n "${RECIPE_SMALL:-}" ]]; then  # the same commands at toy sizes (argparse: the last flag wins), to check a preset
+  GEN+=(--num-episodes 100 --num-rl 10 --stats-sample 10 --stats-vocab-size 300)
+  SFT+=(--num-steps 1 --batch-tokens 4096 --device-batch-size 1)
+  RL+=(--num-steps 1 --prompts-per-step 2 --group-size 2 --max-new-tokens 16 --device-batch-size 4)
+  EVAL+=(--limit 2 --max-new-tokens 16 --max-steps 1 --batch-size 2)
+  (( ${#BFCL[@]} )) && BFCL+=(--limit 1 --max-new-tokens 16 --max-steps 1 --batch-size 4)
+  D=$D-small O=$O-small R=$R-small
+  mkdir -p "$O" "$R"
+fi
 
 stage "data, with awareness" "$D/.done" python gen_data.py "${GEN[@]}" --out-dir "$D"
 stage "data, without awareness" "$D-nopa/.done" python gen_data.py "${GEN[@]}" --pa none --out-dir "$D-nopa"
