@@ -415,23 +415,27 @@ def table(directory):
         with open(os.path.join(directory, f)) as fh:
             d = json.load(fh)
         rows.setdefault(d["row"], []).append(d)
-    head = ["row", "seeds", "task success (%)", "long-horizon (%)", "call precision / recall (%)", "BFCL ours (%)",
-            "BFCL official (%)", "train wall time (s)", "hardware", "commit"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["row", "seeds", "eval tasks", "task success (%)", "long-horizon (%)", "next call, teacher-forced (%)",
+            "call precision / recall (%)", "BFCL ours (%)", "BFCL official (%)", "train wall time (s)", "hardware", "commit"]
+    lines = []
     for name, ds in rows.items():
         syn = [d["evals"].get("synthetic") for d in ds]
         summ = [e["summary"] for e in syn if e]
         longh = [e["by_slice"].get("long_horizon", {}).get("success") for e in syn if e]
+        tf = [d["evals"]["teacher-forced"]["summary"]["exact"] for d in ds if "teacher-forced" in d["evals"]]
         bf = {k: [d["evals"][k]["bfcl"]["overall"] for d in ds if k in d["evals"]] for k in ("bfcl-ours", "bfcl-official")}
         evals = [e for d in ds for e in d["evals"].values()]
         commits = sorted({(e["commit"] or "?")[:7] + ("+dirty" if (e["commit"] or "").endswith("-dirty") else "")
                           for e in evals})
-        cells = [name, str(len(ds)), mean_sd([x["success"] for x in summ]), mean_sd(longh),
-                 f"{mean_sd([x['precision'] for x in summ])} / {mean_sd([x['recall'] for x in summ])}",
-                 mean_sd(bf["bfcl-ours"]), mean_sd(bf["bfcl-official"]),
-                 mean_sd([d["train_s"] for d in ds], pct=False, digits=0), evals[0]["hardware"] if evals else "-",
-                 ", ".join(f"`{c}`" for c in commits)]
-        out.append("| " + " | ".join(cells) + " |")
+        sets = sorted({f"{os.path.basename(e['args']['data'])} {e['summary']['tasks']}" for e in syn if e})
+        lines.append([name, str(len(ds)), ", ".join(sets) or "-", mean_sd([x["success"] for x in summ]), mean_sd(longh),
+                      mean_sd(tf), f"{mean_sd([x['precision'] for x in summ])} / {mean_sd([x['recall'] for x in summ])}"
+                      if summ else "-", mean_sd(bf["bfcl-ours"]), mean_sd(bf["bfcl-official"]),
+                      mean_sd([d["train_s"] for d in ds], pct=False, digits=0), evals[0]["hardware"] if evals else "-",
+                      ", ".join(f"`{c}`" for c in commits)])
+    keep = [k for k in range(len(head)) if any(line[k] != "-" for line in lines)]   # no column that is empty everywhere
+    out = ["| " + " | ".join(head[k] for k in keep) + " |", "|" + "---|" * len(keep)]
+    out += ["| " + " | ".join(line[k] for k in keep) + " |" for line in lines]
     return "\n".join(out)
 
 
@@ -531,6 +535,8 @@ def main(args):
             with open(out_file + ".tmp", "w") as f:
                 json.dump(results, f, indent=1)
             os.replace(out_file + ".tmp", out_file)
+            if args.results:
+                record_results(args.results, args.row, results, "teacher-forced")
             for kind, v in by_type.items():
                 print(f"  {kind:15s} exact {fmt(v['exact'], True):>5} | function {fmt(v['function'], True):>5} of {v['steps']} steps")
             print(markdown(results))

@@ -387,3 +387,23 @@ def test_teacher_forced_next_call_accuracy(tiny_ckpt, tmp_path, monkeypatch):
     plain.write_text("".join(json.dumps(t) + "\n" for t in synthetic_tasks()))
     with pytest.raises(SystemExit, match="reference messages"):
         run(tmp_path, "--data", str(plain), "--ckpt", tiny_ckpt, "--teacher-forced", *MODEL_FLAGS)
+
+
+def test_results_files_and_the_table(data, tmp_path):
+    # --results: one compact file per row (seeds as <row>-s<seed>.json); --table: the table from those files alone
+    res = tmp_path / "results" / "toy"
+    for policy, name in (("oracle", "1-oracle"), ("empty", "2-empty")):
+        for seed in (0, 1):
+            run(tmp_path, "--data", data, "--policy", policy, "--results", str(res / f"{name}-s{seed}.json"),
+                "--row", f"{name} policy")
+    f = json.load(open(res / "1-oracle-s0.json"))
+    assert set(f["evals"]) == {"synthetic"} and "records" not in f["evals"]["synthetic"]
+    assert f["evals"]["synthetic"]["summary"]["success"] == 1.0 and len(f["evals"]["synthetic"]["episodes"]) == 9
+    t = E.table(str(res)).splitlines()
+    assert len(t) == 4 and t[2].startswith("| 1-oracle policy | 2 | test.jsonl 9 | 100.0 ± 0.0 |")
+    assert t[3].startswith("| 2-empty policy | 2 | test.jsonl 9 | 0.0 ± 0.0 |")
+    assert "BFCL" not in t[0]   # columns empty in every row are left out
+    out = E.compare(str(res / "1-oracle-s0.json"), str(res / "2-empty-s1.json"))
+    assert "only by A 9, only by B 0" in out
+    with pytest.raises(SystemExit, match="no results files"):
+        E.table(str(tmp_path / "nothing"))
