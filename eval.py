@@ -96,6 +96,9 @@ parser.add_argument("--transcripts", action="store_true", help="keep each episod
 parser.add_argument("--out-file", default="",
                     help="results JSON; empty = out/eval/<bench>-<model>-<setting>.json, <bench> being the data "
                          "file's name for synthetic tasks (test, val) so val and test evals do not overwrite each other")
+parser.add_argument("--resume", action="store_true", help="continue an interrupted episode eval from the records in "
+                    "--out-file (written after every batch; one process only); refused if that file is of another "
+                    "checkpoint, data file or setting")
 parser.add_argument("--results", default="", metavar="results/PRESET/ROW.json",
                     help="also record this eval in a compact results file (config, commit, hardware, wall times, metrics, "
                          "per-episode success; no transcripts): one file per table row, each eval of the row (synthetic, "
@@ -466,6 +469,21 @@ def resolve_ckpt(ckpt):
     raise SystemExit("no checkpoint in out/rl/ or out/sft/: train one (python sft.py), or pass --ckpt, or --policy oracle")
 
 
+def resumed_records(out_file, setting, ckpt, ddp):
+    """The records and wall time of an earlier, interrupted run of the same eval (--resume)."""
+    if ddp:
+        raise SystemExit("--resume runs in one process (an interrupted multi-process eval writes nothing to resume from)")
+    if not os.path.exists(out_file):
+        print(f"--resume: no {out_file} yet, starting from the first task")
+        return [], 0.0
+    with open(out_file) as f:
+        old = json.load(f)
+    if (old.get("setting"), old.get("checkpoint")) != (setting, ckpt):
+        raise SystemExit(f"--resume: {out_file} is of another eval ({old.get('setting')!r}, {old.get('checkpoint')!r}); "
+                         f"this one is ({setting!r}, {ckpt!r})")
+    return old.get("records", []), float(old.get("wall_s", 0.0))
+
+
 def main(args):
     if args.compare:
         print(compare(*args.compare))
@@ -516,6 +534,8 @@ def main(args):
             raise SystemExit("--teacher-forced needs a model (--policy model) and --data with reference messages "
                              "(gen_data.py's val.jsonl or test.jsonl)")
         setting += ", teacher-forced next call"
+        if args.resume:
+            raise SystemExit("--resume continues episode evals; a teacher-forced eval is rerun whole")
         with M.autocast(device):
             records = teacher_forced(tasks, raw_model, chat, args, max_len, ddp_rank, ddp_world_size)
         if ddp:
@@ -571,7 +591,15 @@ def main(args):
         return results
 
     records = []
-    bar = M.progress_bar(len(mine), "eval")
+    if args.resume:
+        records, wall_before = resumed_records(out_file, setting, ckpt, ddp)
+        planned = set(mine)
+        records = [r for r in records if (r["index"], r["sample"]) in planned]   # a smaller --limit keeps fewer
+        done = {(r["index"], r["sample"]) for r in records}
+        batches = [b for b in ([m for m in batch if m not in done] for batch in batches) if b]
+        t0 -= wall_before   # wall_s counts the earlier run's time too
+        M.print0(f"resumed {len(records)} episodes from {out_file}; {sum(map(len, batches))} to go")
+    bar = M.progress_bar(len(mine), "eval", initial=len(records))
     for batch in batches:
         if args.time_limit > 0 and records and time.time() - t0 > args.time_limit:
             print(f"rank {ddp_rank}: --time-limit {args.time_limit:g} s reached after {len(records)} of {len(mine)} episodes")

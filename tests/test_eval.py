@@ -407,3 +407,23 @@ def test_results_files_and_the_table(data, tmp_path):
     assert "only by A 9, only by B 0" in out
     with pytest.raises(SystemExit, match="no results files"):
         E.table(str(tmp_path / "nothing"))
+
+
+def test_resume_continues_an_interrupted_eval(data, tiny_ckpt, tmp_path):
+    # an eval cut after its first batch of 4, resumed: the same records as one uninterrupted run
+    flags = ["--data", data, "--ckpt", tiny_ckpt, "--batch-size", "4", *MODEL_FLAGS[:4], "--device", "cpu"]
+    whole = run(tmp_path, *flags[:-2])
+    out = str(tmp_path / "cut.json")
+    cut = dict(whole, complete=False, records=whole["records"][:4], wall_s=123.0)
+    with open(out, "w") as f:
+        json.dump(cut, f)
+    E.main(E.parser.parse_args(flags + ["--out-file", out, "--resume"]))
+    with open(out) as f:
+        resumed = json.load(f)
+    assert resumed["complete"] is True and resumed["wall_s"] >= 123.0
+    assert resumed["records"] == whole["records"] and resumed["summary"] == whole["summary"]
+    # another checkpoint's file is refused, not mixed in
+    with open(out, "w") as f:
+        json.dump(dict(cut, checkpoint="elsewhere"), f)
+    with pytest.raises(SystemExit, match="another eval"):
+        E.main(E.parser.parse_args(flags + ["--out-file", out, "--resume"]))
