@@ -101,3 +101,22 @@ def test_file_map_line_counts_are_current():
         assert lines == int(n), f"README file map: {path} has {lines} lines, the README says {n}"
     total = sum(int(n) for path, n in rows if path != "tests/")
     assert re.search(rf"Non-test code: {total} lines", text), f"README: the non-test total should read {total}"
+
+
+TABLE = re.compile(r"<!-- table: (\S+) -->\n(.*?)\n<!-- /table -->", re.S)
+
+
+def test_readme_tables_are_what_the_committed_results_files_give():
+    # a table between <!-- table: results/X --> and <!-- /table --> is eval.py --table results/X, pasted: a results
+    # file changed, added or removed without re-pasting (or a hand edit of the table) fails here
+    sys.path.insert(0, ROOT)
+    import eval as E
+    blocks = TABLE.findall(read("README.md"))
+    assert blocks, "README.md has no generated results table"
+    tracked = subprocess.run(["git", "ls-files", "results"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    for directory, pasted in blocks:
+        assert any(f.startswith(directory + "/") for f in tracked) or not tracked, f"{directory} is not committed"
+        assert pasted.strip() == E.table(os.path.join(ROOT, directory)), \
+            f"README table of {directory} differs from: python eval.py --table {directory}"
+    committed = {os.path.dirname(f) for f in tracked if f.endswith(".json")}
+    assert committed <= {d for d, _ in blocks}, f"results without a README table: {committed - {d for d, _ in blocks}}"
