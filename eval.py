@@ -469,8 +469,9 @@ def resolve_ckpt(ckpt):
     raise SystemExit("no checkpoint in out/rl/ or out/sft/: train one (python sft.py), or pass --ckpt, or --policy oracle")
 
 
-def resumed_records(out_file, setting, ckpt, ddp):
-    """The records and wall time of an earlier, interrupted run of the same eval (--resume)."""
+def resumed_records(out_file, setting, ckpt, ddp, planned):
+    """The records of an earlier, interrupted run of the same eval (--resume) among the planned (index, sample)
+    pairs (a smaller --limit keeps fewer), and that run's wall time."""
     if ddp:
         raise SystemExit("--resume runs in one process (an interrupted multi-process eval writes nothing to resume from)")
     if not os.path.exists(out_file):
@@ -481,7 +482,8 @@ def resumed_records(out_file, setting, ckpt, ddp):
     if (old.get("setting"), old.get("checkpoint")) != (setting, ckpt):
         raise SystemExit(f"--resume: {out_file} is of another eval ({old.get('setting')!r}, {old.get('checkpoint')!r}); "
                          f"this one is ({setting!r}, {ckpt!r})")
-    return old.get("records", []), float(old.get("wall_s", 0.0))
+    planned = set(planned)
+    return [r for r in old.get("records", []) if (r["index"], r["sample"]) in planned], float(old.get("wall_s", 0.0))
 
 
 def main(args):
@@ -592,9 +594,7 @@ def main(args):
 
     records = []
     if args.resume:
-        records, wall_before = resumed_records(out_file, setting, ckpt, ddp)
-        planned = set(mine)
-        records = [r for r in records if (r["index"], r["sample"]) in planned]   # a smaller --limit keeps fewer
+        records, wall_before = resumed_records(out_file, setting, ckpt, ddp, mine)
         done = {(r["index"], r["sample"]) for r in records}
         batches = [b for b in ([m for m in batch if m not in done] for batch in batches) if b]
         t0 -= wall_before   # wall_s counts the earlier run's time too
