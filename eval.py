@@ -336,7 +336,7 @@ def teacher_forced(tasks, raw_model, chat, args, max_len, rank, world):
     message makes exactly the step's calls, so --compare pairs two models step by step."""
     steps = [(i, st) for i in range(rank, len(tasks), world) for st in tools.annotated_steps(tasks[i], args.context_mode)]
     replies = M.complete(raw_model, chat, [(st["context"], st["tools"], "") for _, st in steps], args.max_new_tokens,
-                         max_len, args.batch_size, desc="teacher-forced steps")
+                         max_len, args.batch_size, desc="teacher-forced conversations")
     records = []
     for (i, st), reply in zip(steps, replies):
         why = tools.compare_calls(reply, st["calls"])

@@ -306,6 +306,45 @@ def test_sampler_logprobs_equal_training_logprobs(tok):
     assert n > 10
 
 
+def test_kept_keys_never_keeps_an_uncached_or_the_last_token():
+    assert M.kept_keys([1, 2, 3], [1, 2, 3, 4, 5]) == 2    # the old last token was sampled: not in the cache
+    assert M.kept_keys([1, 2, 3, 4], [1, 2, 3]) == 2       # the new last token is fed for the next logits
+    assert M.kept_keys([1, 2, 9, 4], [1, 2, 3, 4]) == 2 and M.kept_keys([7], [1, 2]) == 0
+    assert M.kept_keys([1, 2, 3], [1]) == 0
+
+
+def test_complete_answers_a_conversation_as_one_chain(tok):
+    # complete() runs the steps of one conversation in one row, each context keeping the keys it shares with the
+    # one before: the same tokens and log-probs as recomputing every context, for far fewer prefilled tokens
+    m, chat = tiny(tok), M.Chat(tok)
+    conv, tools = conversation(), FakeEpisode.tools
+    steps = [(conv[:j], tools, f"<summary>step {j}") for j, x in enumerate(conv) if x["role"] == "assistant"]
+    other = ([conv[0], {"role": "user", "content": "Something else."}], tools, "<plan>")
+    # one row answers the conversation's steps, then a second chain from the queue
+    row = lambda: [M._Chains([(0, steps), (1, [other])], [[""] * 4, [""]])]   # noqa: E731
+    kw = dict(max_new_tokens=10, max_len=256, temperature=1.0, seeds=[3])
+    out, ref = M.rollout(m, chat, row(), **kw)[0], M.rollout(m, chat, row(), use_cache=False, **kw)[0]
+    assert len(out["segments"]) == len(steps) + 1 == 5
+    for x, y in zip(out["segments"], ref["segments"]):
+        assert x["ids"] == y["ids"] and x["mask"] == y["mask"] and sum(x["mask"]) > 0
+        assert torch.allclose(torch.tensor(x["logp"]), torch.tensor(y["logp"]), atol=1e-4)
+    out = M.rollout(m, chat, [M._Chains([(0, steps)], [[""] * 4])], **kw)[0]
+    contexts = [len(chat.encode(chat.text(c, tools, add_generation_prompt=True) + p)) for c, _, p in steps]
+    # about one prefill of the longest (each step re-feeds its own prefix, which the next context lacks)
+    assert out["injected_tokens"] < contexts[-1] + 10 * len(steps) < sum(contexts)
+    # complete(): an unrelated item breaks the chain in two; each reply comes back in its item's place
+    items = steps[:2] + [other] + steps[2:]
+    alone = [M.complete(m, chat, [it], max_new_tokens=10, max_len=256)[0] for it in items]
+    assert M.complete(m, chat, items, max_new_tokens=10, max_len=256, batch_size=2) == alone
+    assert [r[:len(p)] for r, (_, _, p) in zip(alone, items)] == [p for _, _, p in items]
+    # a context too long for max_len gets the prefix alone, and so do the (longer) ones after it in its chain
+    short = dict(max_new_tokens=10, max_len=contexts[0] + 12)
+    assert M.complete(m, chat, steps, **short) == [alone[0]] + [p for _, _, p in steps[1:]]
+    # ... and the rows of a later pass take the chains a stopped row left in the queue
+    assert M.complete(m, chat, items, batch_size=1, **short) == (
+        [alone[0], steps[1][2], M.complete(m, chat, [other], **short)[0], steps[2][2], steps[3][2]])
+
+
 def test_mask_is_exactly_the_sampled_tokens(tok):
     m = tiny(tok)
     out = run(m, tok, [FakeEpisode(3)], temperature=1.0, seeds=[0])[0]
