@@ -345,6 +345,22 @@ def test_complete_answers_a_conversation_as_one_chain(tok):
         [alone[0], steps[1][2], M.complete(m, chat, [other], **short)[0], steps[2][2], steps[3][2]])
 
 
+def test_complete_sizes_the_cache_to_its_longest_context(tok, monkeypatch):
+    m, chat, sizes = tiny(tok), M.Chat(tok), []
+
+    class Recorded(M.KVCache):
+        def __init__(self, cfg, rows, max_len, *rest):
+            sizes.append((rows, max_len))
+            super().__init__(cfg, rows, max_len, *rest)
+    monkeypatch.setattr(M, "KVCache", Recorded)
+    conv, tools = conversation(), FakeEpisode.tools
+    steps = [(conv[:j], tools, "<summary>") for j, x in enumerate(conv) if x["role"] == "assistant"]
+    longest = len(chat.encode(chat.text(conv[:8], tools, add_generation_prompt=True) + "<summary>"))
+    M.complete(m, chat, steps, max_new_tokens=10, max_len=1024, batch_size=4)
+    M.complete(m, chat, steps, max_new_tokens=10, max_len=longest, batch_size=4)   # never above max_len
+    assert sizes == [(1, longest + 11), (1, longest)]
+
+
 def test_mask_is_exactly_the_sampled_tokens(tok):
     m = tiny(tok)
     out = run(m, tok, [FakeEpisode(3)], temperature=1.0, seeds=[0])[0]
