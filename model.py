@@ -740,16 +740,34 @@ def load_tokenizer(path):
 # Static KV cache and the batched multi-turn sampler
 
 class KVCache:
-    """Preallocated keys and values: (layers, rows, kv_heads, max_len, head_dim) each, never resized.
-    Rows of a GRPO group get a copy of their shared prompt's keys (copy_rows), but decode steps read that
-    prefix once per group from the group's source row: src[r] holds row r's first shared[r] positions."""
+    """Preallocated keys and values: (layers, rows, kv_heads, max_len, head_dim) each. With a capacity below
+    limit, max_len starts there and doubles (up to limit) when a forward pass needs more (reserve): a rollout
+    whose contexts stay short never holds the model's whole context per row. The static decoder's shapes are
+    fixed, so it takes the whole limit at once. Rows of a GRPO group get a copy of their shared prompt's keys
+    (copy_rows), but decode steps read that prefix once per group from the group's source row: src[r] holds row
+    r's first shared[r] positions."""
 
-    def __init__(self, cfg, rows, max_len, device, dtype):
-        shape = (cfg.n_layers, rows, cfg.n_kv_heads, max_len, cfg.head_dim)
+    def __init__(self, cfg, rows, max_len, device, dtype, capacity=None):
+        self.limit, self.max_len = max_len, min(max_len, capacity or max_len)
+        shape = (cfg.n_layers, rows, cfg.n_kv_heads, self.max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
         self.src, self.shared = list(range(rows)), [0] * rows
+
+    def reserve(self, n):
+        """Make room for n positions per row (keys already written keep their places)."""
+        if n <= self.max_len:
+            return
+        if n > self.limit:
+            raise ValueError(f"{n} positions do not fit a cache of at most {self.limit}")
+        new = min(self.limit, max(n, 2 * self.max_len))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            grown = old.new_zeros(*old.shape[:3], new, old.shape[4])
+            grown[..., :self.max_len, :] = old
+            setattr(self, name, grown)
+            del old, grown
+        self.max_len = new
 
     def nbytes(self):
         return self.k.numel() * self.k.element_size() * 2
@@ -932,8 +950,9 @@ def forward_cached(model, cache, chunks, rows, start):
     start_t = torch.tensor(start)
     pos = start_t[:, None] + torch.arange(t)[None, :]                    # (b, t)
     valid = torch.arange(t)[None, :] < lengths[:, None]                  # (b, t)
-    pos = pos.clamp(max=cache.max_len - 1)                               # pads only; never written
     kv_len = int((start_t + lengths).max())
+    cache.reserve(kv_len)
+    pos = pos.clamp(max=cache.max_len - 1)                               # pads only; never written
     if t == 1 or bool((start_t == start_t[0]).all() and (lengths == t).all()):
         # decode steps mask themselves (CacheView); rows in lockstep need no mask, which lets SDPA take
         # its fused kernels (much faster on CPU)
@@ -1190,12 +1209,16 @@ def rollout(model, chat, episodes, max_new_tokens=256, max_len=2048, temperature
                         engine, sync_every, compile_step, progress)
 
 
+ROLLOUT_CACHE_START = 512   # positions per row that an eager rollout's cache starts with (it doubles on demand)
+
+
 def _rollout(model, chat, episodes, max_new_tokens, max_len, temperature, top_k, top_p, seeds, use_cache, engine,
              sync_every, compile_step, progress):
     device = next(model.parameters()).device
     rows = [Row(ep) for ep in episodes]
     B = len(rows)
-    cache = KVCache(model.cfg, B, max_len, device, KVCache.dtype_for(model)) if use_cache else None
+    capacity = None if engine == "static" else ROLLOUT_CACHE_START   # the eager engine's cache grows as needed
+    cache = KVCache(model.cfg, B, max_len, device, KVCache.dtype_for(model), capacity) if use_cache else None
     dec = StaticDecoder(model, cache, chat.stop_ids, max_new_tokens, max_len, temperature, top_k, top_p, sync_every,
                         compile_step) if engine == "static" else None
     logits = dec.logits if dec else torch.zeros(B, model.cfg.vocab_size, device=device)
@@ -1405,10 +1428,6 @@ def complete(model, chat, items, max_new_tokens=160, max_len=4096, batch_size=16
             chains.append([it])
     replies = [[prefix for _, _, prefix in chain] for chain in chains]
     queue = sorted(enumerate(chains), key=lambda c: -len(c[1]))
-    # the cache holds the longest context and its message, not max_len (the same replies: 4.5 GB, not 12, for
-    # 16 rows of SmolLM2 on val.jsonl, whose longest step context is 2,805 tokens of 8,192)
-    longest = max(len(chat.encode(chat.text(m, t, add_generation_prompt=True) + p)) for m, t, p in items)
-    max_len = min(max_len, longest + max_new_tokens + 1)
     bar = progress_bar(len(chains), desc or "complete")
     while queue:   # a row stops at a context too long for max_len; the rows of the next pass take what is left
         rows = [_Chains(queue, replies, bar) for _ in range(min(batch_size, len(queue)))]

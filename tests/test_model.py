@@ -345,20 +345,45 @@ def test_complete_answers_a_conversation_as_one_chain(tok):
         [alone[0], steps[1][2], M.complete(m, chat, [other], **short)[0], steps[2][2], steps[3][2]])
 
 
-def test_complete_sizes_the_cache_to_its_longest_context(tok, monkeypatch):
-    m, chat, sizes = tiny(tok), M.Chat(tok), []
+def test_cache_reserve_keeps_the_keys_and_stops_at_its_limit(tok):
+    cfg = tiny(tok).cfg
+    c = M.KVCache(cfg, 2, 40, "cpu", torch.float32, capacity=8)
+    c.k.normal_(), c.v.normal_()
+    k, v = c.k.clone(), c.v.clone()
+    c.reserve(8)                       # room enough: nothing moves
+    assert c.max_len == 8
+    c.reserve(9)                       # doubles
+    assert c.max_len == 16 and torch.equal(c.k[..., :8, :], k) and torch.equal(c.v[..., :8, :], v)
+    assert not c.k[..., 8:, :].any()
+    c.reserve(17)                      # doubles again, not just to 17
+    assert c.max_len == 32
+    c.reserve(33)                      # doubling would pass the limit: the limit
+    assert c.max_len == 40 and c.k.shape[3] == 40 and torch.equal(c.k[..., :8, :], k)
+    with pytest.raises(ValueError, match="at most 40"):
+        c.reserve(41)
+
+
+def test_an_eager_rollout_cache_grows_to_what_its_contexts_need(tok, monkeypatch):
+    # a cache that starts at 8 positions and doubles gives the same tokens and log-probs as one of max_len
+    m, caches = tiny(tok), []
 
     class Recorded(M.KVCache):
-        def __init__(self, cfg, rows, max_len, *rest):
-            sizes.append((rows, max_len))
-            super().__init__(cfg, rows, max_len, *rest)
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            caches.append(self)
     monkeypatch.setattr(M, "KVCache", Recorded)
-    conv, tools = conversation(), FakeEpisode.tools
-    steps = [(conv[:j], tools, "<summary>") for j, x in enumerate(conv) if x["role"] == "assistant"]
-    longest = len(chat.encode(chat.text(conv[:8], tools, add_generation_prompt=True) + "<summary>"))
-    M.complete(m, chat, steps, max_new_tokens=10, max_len=1024, batch_size=4)
-    M.complete(m, chat, steps, max_new_tokens=10, max_len=longest, batch_size=4)   # never above max_len
-    assert sizes == [(1, longest + 11), (1, longest)]
+    eps = lambda: [FakeEpisode(3), FakeEpisode(4, reset_at=2), FakeEpisode(2, user="Different prompt here.")]
+    kw = dict(max_len=1024, temperature=1.0, seeds=[1, 2, 3])
+    full = run(m, tok, eps(), **kw)
+    monkeypatch.setattr(M, "ROLLOUT_CACHE_START", 8)
+    grown = run(m, tok, eps(), **kw)
+    assert caches[0].max_len == 512 and 8 < caches[1].max_len < 512
+    longest = max(len(s["ids"]) for o in grown for s in o["segments"])
+    assert caches[1].max_len >= longest
+    for a, b in zip(full, grown):
+        for sa, sb in zip(a["segments"], b["segments"], strict=True):
+            assert sa["ids"] == sb["ids"] and sa["mask"] == sb["mask"]
+            assert sa["logp"] == pytest.approx(sb["logp"], abs=1e-5)
 
 
 def test_mask_is_exactly_the_sampled_tokens(tok):
