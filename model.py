@@ -785,8 +785,10 @@ class KVCache:
 
     def copy_rows(self, src, dst, length):
         """Copy the first `length` positions of row src into rows dst (a group shares one prefill)."""
-        self.k[:, dst, :, :length] = self.k[:, src:src + 1, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src:src + 1, :, :length]
+        # the source is cloned: where it is contiguous (one layer, a prefix that fills the cache) torch refuses
+        # to index-write from a view of the tensor it writes to
+        self.k[:, dst, :, :length] = self.k[:, src:src + 1, :, :length].clone()
+        self.v[:, dst, :, :length] = self.v[:, src:src + 1, :, :length].clone()
         for r in [src, *dst]:
             self.src[r], self.shared[r] = src, length
 

@@ -363,6 +363,20 @@ def test_cache_reserve_keeps_the_keys_and_stops_at_its_limit(tok):
         c.reserve(41)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_copy_rows_of_a_prefix_that_fills_the_cache(layers):
+    # a grown cache can be exactly as long as a prompt: then, with one layer, the source rows are contiguous and
+    # an index-write from a view of the same tensor used to raise
+    cfg = M.tiny_config(300, dim=16, n_layers=layers, n_heads=1, n_kv_heads=1, head_dim=4, ffn_dim=32)
+    c = M.KVCache(cfg, 4, 40, "cpu", torch.float32, capacity=8)
+    c.reserve(17)
+    c.k.normal_(), c.v.normal_()
+    c.copy_rows(0, [1, 3], 17)
+    for r in (1, 3):
+        assert torch.equal(c.k[:, r], c.k[:, 0]) and torch.equal(c.v[:, r], c.v[:, 0])
+    assert not torch.equal(c.k[:, 2], c.k[:, 0])
+
+
 def test_an_eager_rollout_cache_grows_to_what_its_contexts_need(tok, monkeypatch):
     # a cache that starts at 8 positions and doubles gives the same tokens and log-probs as one of max_len
     m, caches = tiny(tok), []
