@@ -110,7 +110,8 @@ parser.add_argument("--table", default="", metavar="results/PRESET",
 # runtime
 parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                     help="run nothing: print two results files' rows and their task success paired by episode, with a "
-                         "two-sided sign test (the files must hold the same tasks and samples)")
+                         "two-sided sign test (the files must hold the same tasks and samples); for two --results "
+                         "files, every eval both hold is paired (episodes, and teacher-forced steps by step)")
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 parser.add_argument("--seed", type=int, default=0, help="sampling seed (each episode draws from its own counter-based "
                     "generator, keyed by seed, task index and sample number)")
@@ -304,31 +305,36 @@ def compare(path_a, path_b):
                 res.append(json.load(f))
         except (OSError, ValueError) as e:
             raise SystemExit(f"--compare: cannot read {p}: {e}")
-    if all("evals" in x for x in res):   # two rows' compact results files (--results): their synthetic evals
-        try:
-            a, b = (x["evals"]["synthetic"]["episodes"] for x in res)
-        except KeyError:
+    if all("evals" in x for x in res):   # two rows' compact results files (--results): every eval both hold, paired
+        shared = [k for k in res[0]["evals"] if k in res[1]["evals"] and "episodes" in res[0]["evals"][k]]
+        if "synthetic" not in shared:
             raise SystemExit("--compare: a results file without a synthetic eval")
         lines = [f"{p}: {x['row']}, success {fmt(x['evals']['synthetic']['summary']['success'], True)}%"
                  for p, x in zip((path_a, path_b), res)]
-    else:
-        try:
-            a, b = ({(r["id"], r["sample"]): r["success"] for r in x["records"]} for x in res)
-        except (KeyError, TypeError) as e:
-            raise SystemExit(f"--compare: not an eval.py results file (no {e} in its records)")
-        lines = [markdown(res[0]), markdown(res[1]).split("\n")[-1]]
-        for p, x in zip((path_a, path_b), res):
-            s = x["summary"]
-            if "after_error" in s:   # results files written before this count was kept lack it
-                lines.append(f"{p}: {s['stops_after_error']} of {s['after_error']} messages after a tool error end the turn")
+        lines += [paired(*(x["evals"][k]["episodes"] for x in res), k) for k in shared]
+        return "\n".join(lines)
+    try:
+        a, b = ({(r["id"], r["sample"]): r["success"] for r in x["records"]} for x in res)
+    except (KeyError, TypeError) as e:
+        raise SystemExit(f"--compare: not an eval.py results file (no {e} in its records)")
+    lines = [markdown(res[0]), markdown(res[1]).split("\n")[-1]]
+    for p, x in zip((path_a, path_b), res):
+        s = x["summary"]
+        if "after_error" in s:   # results files written before this count was kept lack it
+            lines.append(f"{p}: {s['stops_after_error']} of {s['after_error']} messages after a tool error end the turn")
+    return "\n".join(lines + [paired(a, b)])
+
+
+def paired(a, b, label=""):
+    """Success of the same episodes (or teacher-forced steps) under two models -> one line with the sign test."""
     if set(a) != set(b):
         raise SystemExit(f"--compare: the files hold different episodes ({len(set(a) ^ set(b))} not in both); "
                          "evaluate both on the same --data, --limit and --samples")
     pairs = Counter((bool(a[k]), bool(b[k])) for k in a)   # (solved by A, solved by B) -> episodes
     both, only_a, only_b, neither = pairs[True, True], pairs[True, False], pairs[False, True], pairs[False, False]
-    lines.append(f"paired over {len(a)} episodes: solved by both {both}, only by A {only_a}, only by B {only_b}, "
-                 f"by neither {neither}; two-sided sign test p = {sign_test(only_a, only_b):.3f}")
-    return "\n".join(lines)
+    unit = "steps" if label == "teacher-forced" else "episodes"
+    return (f"{label + ': ' if label else ''}paired over {len(a)} {unit}: solved by both {both}, only by A {only_a}, "
+            f"only by B {only_b}, by neither {neither}; two-sided sign test p = {sign_test(only_a, only_b):.3f}")
 
 
 def teacher_forced(tasks, raw_model, chat, args, max_len, rank, world):

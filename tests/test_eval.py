@@ -404,7 +404,14 @@ def test_results_files_and_the_table(data, tmp_path):
     assert t[3].startswith("| 2-empty policy | 2 | test.jsonl 9 | 0.0 ± 0.0 |")
     assert "BFCL" not in t[0]   # columns empty in every row are left out
     out = E.compare(str(res / "1-oracle-s0.json"), str(res / "2-empty-s1.json"))
-    assert "only by A 9, only by B 0" in out
+    assert "only by A 9, only by B 0" in out and "teacher-forced" not in out
+    for name, steps in (("1-oracle-s0", [True, True, False]), ("2-empty-s1", [False, True, False])):
+        f = json.load(open(res / f"{name}.json"))   # a teacher-forced eval beside the episodes: paired too
+        f["evals"]["teacher-forced"] = {"episodes": {f"t#0.{i}": ok for i, ok in enumerate(steps)}}
+        json.dump(f, open(res / f"{name}.json", "w"))
+    out = E.compare(str(res / "1-oracle-s0.json"), str(res / "2-empty-s1.json"))
+    assert "synthetic: paired over 9 episodes: solved by both 0, only by A 9" in out
+    assert "teacher-forced: paired over 3 steps: solved by both 1, only by A 1, only by B 0, by neither 1" in out
     with pytest.raises(SystemExit, match="no results files"):
         E.table(str(tmp_path / "nothing"))
 
