@@ -204,6 +204,8 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
+    record = False   # True: keep this layer's q, k, v of the last forward in .recorded (sft.py's copy loss reads them)
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -228,6 +230,8 @@ class Attention(nn.Module):
         # under autocast, q/k/v come out of the projections in bf16 and RoPE's fp32 tables promote q and k back
         # to fp32: return them to v's dtype (SDPA would round them there anyway; the cache holds that dtype)
         q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        if self.record:
+            self.recorded = (q, k, v)
         if kv is not None and T == 1:  # a decode step (see CacheView.decode): the view knows its own masks
             return self.o_proj(kv.decode(q, k, v).reshape(B, 1, -1))
         if kv is not None:

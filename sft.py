@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 
 import torch
@@ -49,6 +50,13 @@ parser.add_argument("--awareness-weight", type=float, default=1.0,
                     help="loss weight of <summary>/<plan> tokens relative to calls and replies (1 = plain SFT on "
                          "everything; 0 = the loss of the calls alone, to compare PAG and plain SFT at an equal budget on "
                          "calls). The logged train and val losses are weighted the same way")
+parser.add_argument("--copy-weight", type=float, default=None,
+                    help="weight of the copy loss (per copied token, relative to the mean token loss): where a tool call "
+                         "writes an argument value that occurs verbatim earlier in the conversation, one attention head "
+                         "(query head 0 of --copy-layer) is trained to attend to those earlier tokens and its value/output "
+                         "path to name the copied token (sft.copy_loss_sum). A model from scratch does not learn to copy "
+                         "in minutes without it (README). 0 = off; default: 1 for --init-from scratch, else 0")
+parser.add_argument("--copy-layer", type=int, default=-2, help="the layer (index; negative counts from the end) of the copy head")
 parser.add_argument("--seq-len", type=int, default=4096, help="tokens per row; longer examples are cut (counted)")
 parser.add_argument("--pack", choices=["auto", "on", "off"], default="auto",
                     help="pack several examples per row (block-diagonal mask) or one per row; auto = on for CUDA, off for CPU")
@@ -98,11 +106,66 @@ parser.add_argument("--compile", action="store_true", help="torch.compile the mo
 # Data: tasks -> conversations -> (ids, mask) examples -> packed rows
 
 
-def encode(chat, tasks, context_mode, seq_len, awareness_weight=1.0):
-    """-> examples [(ids, weights)], number cut to seq_len. weights: the loss weight of each token as a target,
-    0 off the assistant contents; on them awareness_weight for the <summary>/<plan> tokens and 1 for the rest
+def token_bytes(tok):
+    """{token id: its bytes} for a byte-level BPE tokenizer (added tokens: their UTF-8 text); None for any other."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    u2b = {u: b for b, u in bytes_to_unicode().items()}
+    added = tok.get_added_vocab()
+    out = {}
+    for t, i in tok.get_vocab().items():
+        if t in added:
+            out[i] = t.encode()
+        elif all(c in u2b for c in t):
+            out[i] = bytes(u2b[c] for c in t)
+        else:
+            return None
+    return out
+
+
+# an argument value in a call's JSON: a string (group 1) or a number (group 2) after '": '
+_ARG_VALUE_RE = re.compile(rb'": (?:"((?:[^"\\]|\\.)*)"|(-?[0-9][0-9.eE+-]*))')
+
+
+def copy_pairs(ids, mask, tok_bytes):
+    """Where the assistant copies -> [(q, sources)]: q the position whose next token belongs to an argument value of
+    a <tool_call> (the values after '"arguments": {', not the function name) that occurs verbatim earlier in the
+    conversation, sources the positions of the tokens holding that same byte in every earlier occurrence. Found on
+    bytes, so a name tokenised differently in the request (' Sami' with its space) and the call ('Sami') still
+    pairs. mask: 1 on assistant tokens (Chat.render)."""
+    pieces = [tok_bytes[i] for i in ids]
+    starts = [0]
+    for b in pieces:
+        starts.append(starts[-1] + len(b))
+    text = b"".join(pieces)
+    owner = [j for j, b in enumerate(pieces) for _ in b]  # byte -> the token it belongs to
+    pairs, j = [], 0
+    while j < len(ids):
+        if not mask[j]:
+            j += 1
+            continue
+        k = j
+        while k < len(ids) and mask[k]:
+            k += 1
+        msg_start = starts[j]  # an assistant message: tokens [j, k), bytes [msg_start, starts[k])
+        for call in re.finditer(rb"<tool_call>(.*?)</tool_call>", text[msg_start:starts[k]], re.S):
+            body, at = call.group(1), call.group(1).find(b'"arguments": {')
+            for m in (_ARG_VALUE_RE.finditer(body, at) if at >= 0 else ()):
+                g = 1 if m.group(1) is not None else 2
+                occ = [o.start() for o in re.finditer(re.escape(m.group(g)), text[:msg_start])] if m.group(g) else []
+                a, b = msg_start + call.start(1) + m.start(g), msg_start + call.start(1) + m.end(g)
+                for t in range(owner[a], owner[b - 1] + 1) if occ else ():
+                    off = max(starts[t], a) - a  # the token's first byte within the value
+                    pairs.append((t - 1, sorted({owner[o + off] for o in occ})))
+        j = k
+    return pairs
+
+
+def encode(chat, tasks, context_mode, seq_len, awareness_weight=1.0, tok_bytes=None):
+    """-> examples [(ids, weights, copies)], number cut to seq_len. weights: the loss weight of each token as a
+    target, 0 off the assistant contents; on them awareness_weight for the <summary>/<plan> tokens and 1 for the rest
     (calls, replies, end token), and 0 for a message the task lists under "no_loss" (a step verification
-    rejected: its tokens stay as context). Examples with nothing to learn are dropped."""
+    rejected: its tokens stay as context). copies: copy_pairs within seq_len if tok_bytes is given, else [].
+    Examples with nothing to learn are dropped."""
     examples, cut = [], 0
     for task in tasks:
         dropped = {id(task["messages"][k]) for k in task.get("no_loss", [])}  # conversations() keeps the objects
@@ -112,7 +175,8 @@ def encode(chat, tasks, context_mode, seq_len, awareness_weight=1.0):
                  for m, o, h in zip(mask, owner, head)]
             cut += len(ids) > seq_len
             if any(w[1:seq_len]):
-                examples.append((ids[:seq_len], w[:seq_len]))
+                copies = [(q, src) for q, src in copy_pairs(ids, mask, tok_bytes) if q + 1 < seq_len] if tok_bytes else []
+                examples.append((ids[:seq_len], w[:seq_len], copies))
     return examples, cut
 
 
@@ -133,11 +197,13 @@ def pack(lengths, seq_len):
 
 
 def make_batch(rows, examples, seq_len, pad_id):
-    """Packed rows -> idx, targets, weights, pos, doc, each (B, T). targets[t] = idx[t+1] where that token has a
-    loss weight, else -100; weights[t] its weight; doc = example number within the row (-1 = pad)."""
+    """Packed rows -> idx, targets, weights, pos, doc, each (B, T), and copies = (row (n,), q (n,), sources (n, T)
+    bool) of the rows' n copy pairs. targets[t] = idx[t+1] where that token has a loss weight, else -100;
+    weights[t] its weight; doc = example number within the row (-1 = pad)."""
     B, T = len(rows), seq_len
     idx, tgt, wts = torch.full((B, T), pad_id), torch.full((B, T), -100), torch.zeros(B, T)
     pos, doc = torch.zeros(B, T, dtype=torch.long), torch.full((B, T), -1)
+    c_row, c_q, c_src = [], [], []
     for b, row in enumerate(rows):
         t = 0
         for j, e in enumerate(row):
@@ -146,8 +212,15 @@ def make_batch(rows, examples, seq_len, pad_id):
             idx[b, t:t + n], pos[b, t:t + n], doc[b, t:t + n] = ids, torch.arange(n), j
             tgt[b, t:t + n - 1] = torch.where(w[1:] > 0, ids[1:], -100)  # the last token predicts nothing
             wts[b, t:t + n - 1] = w[1:]
+            for q, src in examples[e][2]:
+                c_row.append(b)
+                c_q.append(t + q)
+                c_src.append([t + x for x in src])
             t += n
-    return idx, tgt, wts, pos, doc
+    sources = torch.zeros(len(c_q), T, dtype=torch.bool)
+    for i, x in enumerate(c_src):
+        sources[i, x] = True
+    return idx, tgt, wts, pos, doc, (torch.tensor(c_row, dtype=torch.long), torch.tensor(c_q, dtype=torch.long), sources)
 
 
 def forward_packed(model, batch, device, flex=None):
@@ -155,7 +228,7 @@ def forward_packed(model, batch, device, flex=None):
     the longest row's used length: trailing pads are never seen by a real token (causal), so that is exact.
     flex (default: on CUDA): document-masked flex_attention, which computes only the tiles of each example's
     causal triangle (a dense (B, 1, T, T) mask keeps SDPA off its flash kernels and computes every tile)."""
-    idx, tgt, wts, pos, doc = batch
+    idx, tgt, wts, pos, doc = batch[:5]
     flex = (str(device).startswith("cuda") if flex is None else flex) and int(doc.max()) > 0
     # flex: the whole row, so its compiled kernel sees one shape (a new length would recompile); its pad tiles cost nothing
     T = doc.shape[1] if flex else int((doc >= 0).sum(1).max())
@@ -176,6 +249,36 @@ def loss_sum(model, batch, device, flex=None):
     """Weighted sum of the cross-entropy over the target tokens of a packed batch (normalised by the caller)."""
     logits, tgt, wts = forward_packed(model, batch, device, flex)
     return (F.cross_entropy(logits, tgt, reduction="none") * wts).sum()
+
+
+def copy_loss_sum(model, layer, batch, device):
+    """The copy loss, summed over the batch's copy pairs (normalised by the caller), read from the q, k, v that
+    model.model.layers[layer] recorded in the forward just run on this batch. Per pair, two terms, both on query
+    head 0 (and the key/value head it reads):
+      - attention: -log of the head's attention mass on the pair's source positions (where the value was);
+      - output: cross-entropy of the copied token under the head's output had it attended to the sources
+        evenly, through o_proj, the final norm and the output layer: the value/output path learns to copy
+        whatever the attention has learned so far.
+    Neither alone is enough (README, RESULTS section 9): attention alone learns where to look (0.9 of its mass on
+    the source on val) but the copied token still comes out no more often than without it."""
+    attn = model.model.layers[layer].self_attn
+    q, k, v = attn.recorded  # (B, H, T, hd), (B, KV, T, hd), (B, KV, T, hd)
+    attn.recorded = None
+    row, qpos, src = batch[5]
+    if len(qpos) == 0:
+        return torch.zeros((), device=device)
+    hd, T = q.shape[-1], k.shape[2]
+    row, qpos, src = row.to(device), qpos.to(device), src[:, :T].to(device)
+    doc = batch[4][:, :T].to(device)[row]  # (n, T): the keys' example numbers in the pair's row
+    seen = (doc == doc.gather(1, qpos[:, None])) & (torch.arange(T, device=device) <= qpos[:, None])  # as forward_packed's mask
+    scores = torch.einsum("nd,ntd->nt", q[row, 0, qpos].float(), k[row, 0].float()) / math.sqrt(hd)  # (n, T)
+    scores = scores.masked_fill(~seen, float("-inf"))
+    attend = -scores.log_softmax(-1).masked_fill(~src, float("-inf")).logsumexp(-1)  # (n,)
+    y = torch.einsum("nt,ntd->nd", src.float() / src.sum(-1, keepdim=True), v[row, 0].float())  # (n, hd)
+    o = y.to(v.dtype) @ attn.o_proj.weight[:, :hd].T  # head 0's slice of o_proj: (n, dim)
+    logits = model.lm_head(model.model.norm(o)).float()  # (n, V)
+    target = batch[0].to(device)[row, qpos + 1]
+    return (attend + F.cross_entropy(logits, target, reduction="none")).sum()
 
 
 def step_rows(step, n_rows, rows_per_step, seed):
@@ -255,18 +358,30 @@ def main(args):
     packing = {"on": True, "off": False}.get(args.pack, str(device).startswith("cuda"))
     # data: render, pack once; every rank does the same work (cheap) so all know every row's target count
     data = {}
+    copy_weight = args.copy_weight if args.copy_weight is not None else float(args.init_from == "scratch")
+    tok_bytes = token_bytes(tok) if copy_weight > 0 else None
+    if copy_weight > 0:
+        if tok_bytes is None:
+            raise SystemExit("--copy-weight: the tokenizer is not a byte-level BPE, so copied bytes cannot be found in its tokens")
+        if not -model.cfg.n_layers <= args.copy_layer < model.cfg.n_layers:
+            raise SystemExit(f"--copy-layer {args.copy_layer}: the model has {model.cfg.n_layers} layers")
+        model.model.layers[args.copy_layer].self_attn.record = True  # its q, k, v stay for copy_loss_sum
     for split, tasks in (("train", train_tasks), ("val", val_tasks)):
-        examples, cut = encode(chat, tasks, args.context_mode, args.seq_len, args.awareness_weight if pa else 1.0)
+        examples, cut = encode(chat, tasks, args.context_mode, args.seq_len, args.awareness_weight if pa else 1.0,
+                               tok_bytes if split == "train" else None)
         if not examples:
             raise SystemExit(f"{args.train if split == 'train' else args.val}: no example has assistant tokens")
-        rows = pack([len(ids) for ids, _ in examples], args.seq_len) if packing else [[i] for i in range(len(examples))]
+        rows = pack([len(ex[0]) for ex in examples], args.seq_len) if packing else [[i] for i in range(len(examples))]
         targets = [sum(sum(examples[e][1][1:]) for e in row) for row in rows]  # target weight per row
-        tokens = sum(len(ids) for ids, _ in examples)
-        data[split] = (examples, rows, targets, [sum(len(examples[e][0]) for e in row) for row in rows])
+        tokens = sum(len(ex[0]) for ex in examples)
+        data[split] = (examples, rows, targets, [sum(len(examples[e][0]) for e in row) for row in rows],
+                       [sum(len(examples[e][2]) for e in row) for row in rows])
         M.print0(f"{split}: {len(tasks)} tasks -> {len(examples)} examples ({cut} cut to {args.seq_len}), {tokens:,} tokens "
                  f"({sum(targets) / tokens:.1%} targets) in {len(rows)} rows: " + (f"padding {1 - tokens / (len(rows) * args.seq_len):.1%}" if packing else
                                                "one example per row (padding: see pad in the step lines)"))
-    examples, rows, row_targets, row_tokens = data["train"]
+    examples, rows, row_targets, row_tokens, row_pairs = data["train"]
+    if copy_weight > 0:
+        M.print0(f"copy loss: weight {copy_weight:g}, query head 0 of layer {args.copy_layer}, {sum(row_pairs):,} copied tokens in train")
     M.print0(f"{rows_per_step} rows x {args.seq_len} tokens per step = {args.batch_tokens:,} tokens, {grad_accum} micro-steps of "
              f"{args.device_batch_size} rows x {ddp_world_size} processes; {args.num_steps * rows_per_step / len(rows):.1f} epochs")
 
@@ -356,37 +471,42 @@ def main(args):
         t0 = time.time()
         step_r = step_rows(step, len(rows), rows_per_step, args.seed)
         n_targets = max(1.0, sum(row_targets[r] for r in step_r))  # target weight (tokens) of the global batch
+        n_pairs = max(1, sum(row_pairs[r] for r in step_r))  # copied tokens of the global batch
         n_tokens = sum(row_tokens[r] for r in step_r)  # real (non-pad) tokens, for the throughput figure
         # tokens actually computed: each micro-batch is cut to its longest row (forward_packed), the rest is padding
         chunks = [step_r[i:i + args.device_batch_size] for i in range(0, rows_per_step, args.device_batch_size)]
         pad = 1 - n_tokens / sum(len(c) * max(row_tokens[r] for r in c) for c in chunks)
         mine = step_r[ddp_rank * per_rank:(ddp_rank + 1) * per_rank]
-        train_loss = torch.zeros((), device=device)
+        train_loss, train_copy = torch.zeros((), device=device), torch.zeros((), device=device)
         for micro in range(grad_accum):
             batch = make_batch([rows[r] for r in mine[micro * args.device_batch_size:(micro + 1) * args.device_batch_size]],
                                examples, args.seq_len, pad_id)
             sync = not ddp or micro == grad_accum - 1  # gradient all-reduce only on the last micro-step
             with (contextlib.nullcontext() if sync else model.no_sync()):
                 loss = loss_sum(model, batch, device)
-                # divide by the target weight of the GLOBAL batch (not this micro-batch or rank): the summed
-                # gradient is then the per-token mean over the global batch whatever the micro-batch size
-                # or world size; DDP averages over ranks, hence the * ddp_world_size
-                (loss * ddp_world_size / n_targets).backward()
+                copy = copy_loss_sum(raw_model, args.copy_layer, batch, device) if copy_weight > 0 else torch.zeros((), device=device)
+                # divide by the target weight (and copied tokens) of the GLOBAL batch, not this micro-batch or rank:
+                # the summed gradient is then the per-token mean over the global batch whatever the micro-batch
+                # size or world size; DDP averages over ranks, hence the * ddp_world_size
+                ((loss / n_targets + copy_weight * copy / n_pairs) * ddp_world_size).backward()
             train_loss += loss.detach()  # no .item() here: it would stall the GPU every micro-step
+            train_copy += copy.detach()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss = reduce_sum([train_loss.item()], device, ddp)[0] / n_targets
+        train_loss, train_copy = reduce_sum([train_loss.item(), train_copy.item()], device, ddp)
+        train_loss, train_copy = train_loss / n_targets, train_copy / n_pairs
         dt = time.time() - t0
         train_time += dt
         eta = train_time / (step + 1 - start_step) * (stop_at - step - 1) / 60
-        M.log_step(bar, f"step {step + 1:5d}/{args.num_steps} | loss {train_loss:.4f} | lr {lr:.2e} | gnorm {float(gnorm):.3f} "
+        copy_s = f" | copy {train_copy:.3f}" if copy_weight > 0 else ""
+        M.log_step(bar, f"step {step + 1:5d}/{args.num_steps} | loss {train_loss:.4f}{copy_s} | lr {lr:.2e} | gnorm {float(gnorm):.3f} "
                    f"| targets {n_targets:6.0f} | {dt * 1000:6.0f} ms | {n_tokens / dt:7.0f} tok/s | pad {pad:4.1%} | eta {eta:.1f} min",
                    loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{n_tokens / dt:.0f}")
-        log({"step": step + 1, "loss": train_loss, "lr": lr, "gnorm": float(gnorm), "targets": n_targets, "tokens": n_tokens, "pad": pad, "dt": dt})
+        log({"step": step + 1, "loss": train_loss, **({"copy": train_copy} if copy_weight > 0 else {}), "lr": lr, "gnorm": float(gnorm), "targets": n_targets, "tokens": n_tokens, "pad": pad, "dt": dt})
     bar.close()
     M.cleanup_runtime()
 

@@ -65,7 +65,7 @@ def test_loss_targets_are_exactly_the_assistant_tokens(tasks, chat):
         examples, cut = sft.encode(chat, tasks, mode, 4096)
         assert cut == 0
         rows = sft.pack([len(e[0]) for e in examples], 1024)
-        idx, tgt, wts, pos, doc = sft.make_batch(rows, examples, 1024, 0)
+        idx, tgt, wts, pos, doc, _ = sft.make_batch(rows, examples, 1024, 0)
         assert torch.equal(wts > 0, tgt != -100)
         for b, row in enumerate(rows):
             # the targets of a row, in order, decode to the assistant contents of its examples + end tokens
@@ -107,15 +107,15 @@ def test_awareness_weight(tasks, chat):
     half, _ = sft.encode(chat, tasks[:6], "full", 4096, awareness_weight=0.5)
     zero, _ = sft.encode(chat, tasks[:6], "full", 4096, awareness_weight=0.0)
     by_hand = []
-    for ids, w in plain:
+    for ids, w, _ in plain:
         head = awareness_tokens_by_decoding(chat, ids, w)
         assert set(w) == {0.0, 1.0} and sum(head) > 0
-        by_hand.append((ids, [0.0 if h else x for x, h in zip(w, head)]))
-    assert [w for _, w in zero] == [w for _, w in by_hand]
-    assert [w for _, w in half] == [[0.5 if h and x else x for x, h in zip(w, awareness_tokens_by_decoding(chat, ids, w))]
-                                    for ids, w in plain]
+        by_hand.append((ids, [0.0 if h else x for x, h in zip(w, head)], []))
+    assert [e[1] for e in zero] == [e[1] for e in by_hand]
+    assert [e[1] for e in half] == [[0.5 if h and x else x for x, h in zip(w, awareness_tokens_by_decoding(chat, ids, w))]
+                                    for ids, w, _ in plain]
     # the W = 0 targets decode to the assistant contents without their heads
-    idx, tgt, wts, _, _ = sft.make_batch([[0]], zero, len(zero[0][0]), 0)
+    idx, tgt, wts, _, _, _ = sft.make_batch([[0]], zero, len(zero[0][0]), 0)
     msgs = [m["content"] for m in tasks[0]["messages"] if m["role"] == "assistant"]
     assert chat.decode(tgt[0][tgt[0] != -100].tolist()) == "".join(m[tools.awareness_chars(m):] + "<|im_end|>" for m in msgs)
     model = tiny(chat)
@@ -131,8 +131,8 @@ def test_no_loss_messages_stay_as_context(tasks, chat):
     # a step that verification rejected ("no_loss") keeps its tokens in the input and loses its targets
     task = dict(tasks[1])
     k = next(i for i, m in enumerate(task["messages"]) if m["role"] == "assistant")
-    (ids0, w0), = sft.encode(chat, [task], "full", 4096)[0]
-    (ids1, w1), = sft.encode(chat, [dict(task, no_loss=[k])], "full", 4096)[0]
+    (ids0, w0, _), = sft.encode(chat, [task], "full", 4096)[0]
+    (ids1, w1, _), = sft.encode(chat, [dict(task, no_loss=[k])], "full", 4096)[0]
     assert ids0 == ids1 and sum(w1) < sum(w0)
     first = next(t for t, x in enumerate(w0) if x)
     n = len(chat.encode(task["messages"][k]["content"])) + 1
@@ -194,13 +194,20 @@ def test_document_masked_flex_attention_equals_the_dense_mask(tasks, chat):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
 
 
-def grads(model, chat, examples, rows, device_batch_size):
-    """The training loop's accumulation: micro-batches of device_batch_size rows, loss / global targets."""
+def grads(model, chat, examples, rows, device_batch_size, copy_weight=0.0):
+    """The training loop's accumulation: micro-batches of device_batch_size rows, loss / global targets (+ the copy
+    loss / global copied tokens)."""
     model.zero_grad(set_to_none=True)
     n_targets = sum(sum(examples[e][1][1:]) for r in rows for e in r)
+    n_pairs = sum(len(examples[e][2]) for r in rows for e in r)
+    model.model.layers[-1].self_attn.record = copy_weight > 0
     for i in range(0, len(rows), device_batch_size):
         batch = sft.make_batch(rows[i:i + device_batch_size], examples, 1300, 0)
-        (sft.loss_sum(model, batch, "cpu") / n_targets).backward()
+        loss = sft.loss_sum(model, batch, "cpu") / n_targets
+        if copy_weight:
+            loss = loss + copy_weight * sft.copy_loss_sum(model, -1, batch, "cpu") / n_pairs
+        loss.backward()
+    model.model.layers[-1].self_attn.record = False
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
@@ -211,6 +218,86 @@ def test_gradient_is_invariant_to_micro_batch_size(tasks, chat):
     assert max(len(r) for r in rows) > 1  # the block-diagonal path
     g1, g3 = (grads(model, chat, examples, rows, k) for k in (1, 3))
     assert torch.allclose(g1, g3, atol=1e-6, rtol=1e-4), (g1 - g3).abs().max()
+    # with the copy loss: its pairs' positions shift with the example's place in a packed row
+    examples, _ = sft.encode(chat, tasks, "summary", 1300, tok_bytes=sft.token_bytes(chat.tok))
+    assert sum(len(e[2]) for r in rows for e in (examples[i] for i in r)) >= 5
+    c1, c3 = (grads(model, chat, examples, rows, k, copy_weight=1.0) for k in (1, 3))
+    assert torch.allclose(c1, c3, atol=1e-6, rtol=1e-4), (c1 - c3).abs().max()
+    assert not torch.allclose(c1, g1, atol=1e-4)
+
+
+def copy_conversation():
+    request = "Please send_message to Sami about 'Trip' and add 12 to 30."
+    call = '<tool_call>{"name": "send_message", "arguments": {"to": "Sami", "subject": "Trip", "n": 12, "m": 7}}</tool_call>'
+    return [{"role": "system", "content": "You call functions."}, {"role": "user", "content": request},
+            {"role": "assistant", "content": call}, {"role": "tool", "content": '{"result": 42}'},
+            {"role": "assistant", "content": call.replace('"m": 7', '"m": 42')}]
+
+
+def test_copy_pairs_point_from_each_copied_byte_to_where_it_was(chat):
+    tb = sft.token_bytes(chat.tok)
+    assert tb is not None and b"".join(tb[i] for i in chat.encode("a 'Trip'")) == b"a 'Trip'"
+    conv = copy_conversation()
+    ids, mask = chat.render(conv)
+    text = b"".join(tb[i] for i in ids)
+    starts = [len(b"".join(tb[i] for i in ids[:j])) for j in range(len(ids) + 1)]
+    pairs = sft.copy_pairs(ids, mask, tb)
+    first, second = text.index(b"<tool_call>"), text.rindex(b"<tool_call>")
+    covered = {}
+    for q, src in pairs:
+        t = q + 1  # the token this position predicts
+        assert mask[t] and src and all(s <= q and starts[s] < starts[t] for s in src)   # sources lie before it
+        assert starts[t] > second or not any(mask[s] for s in src)   # the first call's come from the request
+        for byte in range(starts[t], starts[t + 1]):
+            covered.setdefault(byte, src)
+    want = set()   # every byte of the copied values, in both calls; not the function name, not 7 (nowhere before)
+    for call in (first, second):
+        for v in (b'"Sami"', b'"Trip"', b" 12,", b" 42}" if call == second else b""):
+            if v:
+                at = text.index(v, call) + 1
+                want |= set(range(at, at + len(v) - 2))
+    assert want <= set(covered)
+    name = text.index(b"send_message", first)
+    assert not set(range(name, name + 12)) & set(covered)
+    seven = text.index(b"7", first)
+    assert seven not in covered or covered[seven] == []
+    # each copied byte points at tokens that hold that byte: 'S' of the call's "Sami" at the token with 'S' of
+    # the request's " Sami" (its space fused in); 42 in the second call at the tool result, not the request
+    for byte in want:
+        assert all(text[byte:byte + 1] in tb[ids[s]] for s in covered[byte])
+    forty_two = text.index(b"42", second)
+    assert all(starts[s] > text.index(b'{"result": 42}') for s in covered[forty_two])
+
+
+def test_copy_loss_reads_head_0_of_the_recorded_layer(tasks, chat):
+    # the attention term's probabilities are those SDPA uses (scale, causal mask, query head 0 -> key/value head 0):
+    # its mass-weighted values equal head 0's actual output at every copy position
+    model = tiny(chat)
+    examples, _ = sft.encode(chat, tasks[:3], "full", 4096, tok_bytes=sft.token_bytes(chat.tok))
+    batch = sft.make_batch([[0, 1], [2]], examples, 4096, 0)
+    row, qpos, src = batch[5]
+    assert len(qpos) > 5
+    attn = model.model.layers[-1].self_attn
+    attn.record = True
+    with torch.no_grad():
+        sft.forward_packed(model, batch, "cpu")
+        q, k, v = attn.recorded
+        T = k.shape[2]
+        doc = batch[4][:, :T]
+        mask = ((doc.unsqueeze(2) == doc.unsqueeze(1)) & torch.ones(T, T, dtype=torch.bool).tril()).unsqueeze(1)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, T, hd)
+        scores = torch.einsum("nd,ntd->nt", q[row, 0, qpos], k[row, 0]) / q.shape[-1] ** 0.5
+        p = scores.masked_fill(~mask[row, 0, qpos], float("-inf")).softmax(-1)
+        assert torch.allclose(torch.einsum("nt,ntd->nd", p, v[row, 0]), y[row, 0, qpos], atol=1e-5)
+        src = src[:, :T]
+        assert not (src & ~mask[row, 0, qpos]).any()   # sources within the pair's own example
+        # the loss: the attention term by hand + the output term (head 0's value at the sources through o_proj,
+        # the final norm and the output layer must name the copied token)
+        attend = -torch.log((p * src).sum(-1))
+        o = torch.einsum("nt,ntd->nd", src.float() / src.sum(-1, keepdim=True), v[row, 0]) @ attn.o_proj.weight[:, :q.shape[-1]].T
+        named = torch.nn.functional.cross_entropy(model.lm_head(model.model.norm(o)), batch[0][row, qpos + 1], reduction="none")
+        assert torch.allclose(sft.copy_loss_sum(model, -1, batch, "cpu"), (attend + named).sum(), rtol=1e-5)
+        assert attn.recorded is None   # read once: a stale record never meets the next batch
 
 
 def test_overfits_a_tiny_batch(tasks, chat):
@@ -276,6 +363,7 @@ def test_script_logs_and_evaluates(runs):
     d, logs = runs
     out = logs["one"]
     assert "padding" in out and "step     6/6 | loss" in out and "(2 greedy episodes)" in out
+    assert "copy loss: weight 1, query head 0 of layer -2" in out and "| copy " in out   # on by default from scratch
     log = [json.loads(line) for line in open(d / "one" / "log.jsonl")]
     assert [e["step"] for e in log if "loss" in e] == list(range(1, 7))
     assert [e["step"] for e in log if "val_loss" in e] == [0, 3, 6]
