@@ -1,7 +1,8 @@
 """
 gen_data.py: PAG, the Progress Awareness Generation pipeline of PARL-MT -> data/{train,val,test,rl}.jsonl.
 
-    python gen_data.py                              # CPU default: 4,000 synthetic episodes (+ augmented copies), ~20 s
+    python gen_data.py                              # CPU default: 4,000 episodes (+ augmented copies) of the tiny world, ~16 s
+    python gen_data.py --world full                 # all 7 domains (76 functions): the world of the pretrained-model runs
     python gen_data.py --num-episodes 10000         # the speed check (< 60 s on 2 CPU cores)
     python gen_data.py --pa none --out-dir data_nopa  # the no-awareness baseline data
     python gen_data.py --verify-with out/sft        # train only on the steps a model can take from their awareness
@@ -47,20 +48,39 @@ parser.add_argument("--source", choices=["synthetic", "bfcl"], default="syntheti
                     help="synthetic: our 7 environments; bfcl: BFCL v4 multi-turn entries (the installed bfcl-eval)")
 parser.add_argument("--num-episodes", type=int, default=4000, help="synthetic SFT episodes in all (train + val + test)")
 parser.add_argument("--val-frac", type=float, default=0.05, help="fraction of --num-episodes for val (same distribution as train)")
-parser.add_argument("--test-frac", type=float, default=0.05, help="fraction of --num-episodes for test with held-out compositions")
-parser.add_argument("--test-long-frac", type=float, default=0.03, help="fraction of --num-episodes for the longer-horizon test slice")
+parser.add_argument("--test-frac", type=float, default=None, help="fraction of --num-episodes for test with held-out "
+                    "compositions. Default: --world's (tiny 0.025, full 0.05)")
+parser.add_argument("--test-long-frac", type=float, default=None, help="fraction of --num-episodes for the longer-horizon "
+                    "test slice. Default: --world's (tiny 0.015, full 0.03)")
 parser.add_argument("--num-rl", type=int, default=300, help="RL tasks (no trajectories), disjoint from train")
 parser.add_argument("--max-turns", type=int, default=4, help="most user turns of a train/val/rl episode (turns)")
 parser.add_argument("--long-turns", type=int, default=8, help="most user turns of a longer-horizon test episode (turns); "
                     "the fewest is --max-turns + 1")
-parser.add_argument("--held-out-pairs", default="book_flight+send_message,place_order+write,create_event+set_brightness",
-                    help="function pairs never together in train/val/rl, only in test: 'f+g,h+k'")
+parser.add_argument("--held-out-pairs", default=None,
+                    help="function pairs never together in train/val/rl, only in test: 'f+g,h+k'. Default: --world's")
 parser.add_argument("--turn-decay", type=float, default=0.7, help="P(n+1 turns) / P(n turns) within a split's turn range (ratio)")
 parser.add_argument("--multi-intent", type=float, default=0.25, help="probability that a user turn asks for 2-3 things (fraction)")
-parser.add_argument("--domains", default="files,messages,calendar,bank,travel,home,math",
-                    help="the slice of the tool world episodes draw on (comma-separated domains); held-out pairs outside "
-                         "it are dropped, and so are the variants it cannot make (error recovery: files, bank or calendar)")
-parser.add_argument("--distractor-tools", type=int, default=1, help="functions offered beyond the ones the episode uses (count)")
+parser.add_argument("--world", choices=["tiny", "full"], default="tiny",
+                    help="fills in --domains, --prompt, --distractor-tools, --held-out-pairs and the test sizes. tiny = "
+                         "files and messages (26 functions), no distractor tools, the short system prompt, held-out pairs "
+                         "cat+send_message and grep+reply, a test file half the size (an eval of it fits the quick start): what a 1M-parameter model from scratch learns on 2 CPU cores "
+                         "in minutes (README); full = all 7 domains (76 functions), 1 distractor tool, the full system "
+                         "prompt: the world of the pretrained-model runs")
+parser.add_argument("--domains", default=None,
+                    help="the slice of the tool world episodes draw on (comma-separated domains, or 'all'); held-out pairs "
+                         "outside it are dropped, and so are the variants it cannot make (error recovery: files, bank or "
+                         "calendar). Default: --world's")
+parser.add_argument("--prompt", choices=["full", "short"], default=None,
+                    help="system prompt of the episodes (written into every task): full = the protocol spelt out, for "
+                         "pretrained models; short = two lines, for a model from scratch, which learns the protocol from "
+                         "the examples (227 fewer tokens per context). Default: --world's")
+parser.add_argument("--distractor-tools", type=int, default=None,
+                    help="functions offered beyond the ones the episode uses (count). Default: --world's")
+WORLD_PRESETS = {"tiny": {"domains": "files,messages", "prompt": "short", "distractor_tools": 0,
+                          "held_out_pairs": "cat+send_message,grep+reply", "test_frac": 0.025, "test_long_frac": 0.015},
+                 "full": {"domains": "all", "prompt": "full", "distractor_tools": 1,
+                          "held_out_pairs": "book_flight+send_message,place_order+write,create_event+set_brightness",
+                          "test_frac": 0.05, "test_long_frac": 0.03}}
 parser.add_argument("--bfcl-categories", default="base,miss_func,miss_param,long_context", help="--source bfcl: categories")
 parser.add_argument("--bfcl-limit", type=int, default=0, help="--source bfcl: entries per category (0 = all)")
 parser.add_argument("--bfcl-test-frac", type=float, default=0.5, help="--source bfcl: fraction of entry ids held out for test")
@@ -1309,6 +1329,7 @@ def make_tasks(rng, count, turns_range, mix, args, want_pairs=(), forbid_pairs=(
         funcs = {c["name"] for t in task["turns"] for s in t["gt"] for c in s}
         if any(set(p) <= funcs for p in forbid_pairs):
             continue
+        task["prompt"] = args.prompt  # the system prompt's style: tools.Episode reads it (rollouts, evals, replays)
         out.append(offer_tools(task, rng, args.distractor_tools))
     return out
 
@@ -1530,7 +1551,9 @@ def augment(lines, rng, args):
                 task = {k: v for k, v in line.items() if k not in ("messages", "tools")}
                 task = paraphrase(task, rng) if kind == "paraphrase" else mask_words(task, rng, args.mask_words)
                 new = task and sft_line(task, args.pa == "programmatic")[0]
-            changed = new and (kind == "schema" or [t["user"] for t in new["turns"]] != [t["user"] for t in line["turns"]])
+            changed = new and ((new["tags"]["schema_renames"] or new["tools"] != line["tools"]) if kind == "schema"
+                               else [t["user"] for t in new["turns"]] != [t["user"] for t in line["turns"]])
+            # (a schema copy of an episode with no tools would be the original again: none is made)
             # a copy has the same steps as its original, so it keeps the original's verification verdicts ("no_loss")
             if changed:
                 out.append(dict(new, id=f"{line['id']}-{kind}", tags=dict(new["tags"], augment=kind)))
@@ -1692,6 +1715,11 @@ def awareness_stats(lines):
 # Output: everything to temporary files, renamed at the end
 
 def check_args(args):
+    for k, v in WORLD_PRESETS[args.world].items():   # --world fills in what was not given
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.domains == "all":
+        args.domains = ",".join(FRESH)
     for k in ("val_frac", "test_frac", "test_long_frac", "miss_param_rate", "miss_func_rate", "long_context_rate",
               "error_recovery_rate", "paraphrase_rate", "schema_rate", "mask_rate", "mask_words", "bfcl_test_frac"):
         if not 0 <= getattr(args, k) <= 1:
