@@ -1,7 +1,7 @@
 """
 eval.py: how a checkpoint is judged, on our synthetic multi-turn tasks and on BFCL multi-turn (PARL-MT's eval stage).
 
-    python eval.py                                     # out/rl/ (else out/sft/) on data/test.jsonl, greedy
+    python eval.py                                     # out/rl/ (else out/sft/) on data/val.jsonl, then data/test.jsonl, greedy
     python eval.py --ckpt smollm2 --device cpu --limit 6 --max-new-tokens 96   # SmolLM2-135M zero-shot, ~8 min on 2 cores
     python eval.py --policy oracle                     # control: replays the ground truth, must give 100%
     python eval.py --bench bfcl --bfcl-prompt official --max-len 32768   # BFCL multi-turn with the leaderboard prompt
@@ -49,7 +49,10 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter
 # data
 parser.add_argument("--bench", choices=["synthetic", "bfcl"], default="synthetic",
                     help="synthetic: tasks from --data (gen_data.py); bfcl: BFCL multi-turn, 4 categories x 200 entries")
-parser.add_argument("--data", default="data/test.jsonl", help="synthetic tasks (JSONL, one task per line)")
+parser.add_argument("--data", default="data/val.jsonl,data/test.jsonl",
+                    help="synthetic tasks (JSONL, one task per line); several files, comma-separated, are evaluated one "
+                         "after the other and each reported (and recorded) on its own: val.jsonl is the training "
+                         "distribution, test.jsonl held-out function combinations and the longer horizon")
 parser.add_argument("--limit", type=int, default=0, help="N tasks evenly spaced over --data, so every slice of the "
                     "file is in the subset (bfcl: first N entries per category); 0 = all")
 parser.add_argument("--categories", default=",".join(tools.BFCL_CATEGORIES), help="bfcl: comma-separated categories")
@@ -81,13 +84,14 @@ parser.add_argument("--engine", choices=["auto", "eager", "static"], default="au
 parser.add_argument("--compile-sampler", action="store_true",
                     help="static engine on CUDA: torch.compile the decode step before capturing it (fuses its pointwise work)")
 parser.add_argument("--sync-every", type=int, default=8, help="static engine: decode steps between host checks (steps)")
-parser.add_argument("--max-new-tokens", type=int, default=256, help="max tokens per assistant message")
+parser.add_argument("--max-new-tokens", type=int, default=160, help="max tokens per assistant message")
 parser.add_argument("--max-len", type=int, default=0, help="max tokens per context (overflow fails the episode); "
                     "0 = the model's context length")
-parser.add_argument("--max-steps", type=int, default=20, help="assistant messages with calls per user turn before the "
-                    "episode is force-ended (BFCL: 20)")
+parser.add_argument("--max-steps", type=int, default=None, help="assistant messages with calls per user turn before the "
+                    "episode is force-ended; default 6 on synthetic tasks (as rl.py and sft.py's greedy eval: no train "
+                    "turn needs more), 20 on BFCL (its own budget)")
 parser.add_argument("--max-tool-chars", type=int, default=8000, help="ours protocol: cap of one tool result (characters)")
-parser.add_argument("--batch-size", type=int, default=32, help="episodes per batched rollout per process (KV cache rows)")
+parser.add_argument("--batch-size", type=int, default=64, help="episodes per batched rollout per process (KV cache rows)")
 parser.add_argument("--time-limit", type=float, default=0, help="start no new batch after this many seconds and report "
                     "the episodes done (0 = no limit); batches then take every k-th task, so a cut eval still spreads over the file")
 # output
@@ -307,9 +311,10 @@ def compare(path_a, path_b):
             raise SystemExit(f"--compare: cannot read {p}: {e}")
     if all("evals" in x for x in res):   # two rows' compact results files (--results): every eval both hold, paired
         shared = [k for k in res[0]["evals"] if k in res[1]["evals"] and "episodes" in res[0]["evals"][k]]
-        if "synthetic" not in shared:
-            raise SystemExit("--compare: a results file without a synthetic eval")
-        lines = [f"{p}: {x['row']}, success {fmt(x['evals']['synthetic']['summary']['success'], True)}%"
+        if not any(k.startswith("synthetic") for k in shared):
+            raise SystemExit("--compare: the two results files share no synthetic eval")
+        lines = [f"{p}: {x['row']}, success " + ", ".join(f"{n} {fmt(v['episodes']['summary']['success'], True)}%"
+                                                         for n, v in synthetic_evals(x).items() if "episodes" in v)
                  for p, x in zip((path_a, path_b), res)]
         lines += [paired(*(x["evals"][k]["episodes"] for x in res), k) for k in shared]
         return "\n".join(lines)
@@ -332,7 +337,7 @@ def paired(a, b, label=""):
                          "evaluate both on the same --data, --limit and --samples")
     pairs = Counter((bool(a[k]), bool(b[k])) for k in a)   # (solved by A, solved by B) -> episodes
     both, only_a, only_b, neither = pairs[True, True], pairs[True, False], pairs[False, True], pairs[False, False]
-    unit = "steps" if label == "teacher-forced" else "episodes"
+    unit = "steps" if label.startswith("teacher-forced") else "episodes"
     return (f"{label + ': ' if label else ''}paired over {len(a)} {unit}: solved by both {both}, only by A {only_a}, "
             f"only by B {only_b}, by neither {neither}; two-sided sign test p = {sign_test(only_a, only_b):.3f}")
 
@@ -384,7 +389,8 @@ def train_seconds(ckpt):
 
 
 def record_results(path, row, results, section):
-    """Add one eval (section: synthetic | bfcl-ours | bfcl-official) to a row's compact results file, atomically."""
+    """Add one eval (section: synthetic-<data> | teacher-forced-<data> | bfcl-ours | bfcl-official, <data> the data
+    file's name: val, test) to a row's compact results file, atomically."""
     data = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -413,9 +419,23 @@ def mean_sd(xs, pct=True, digits=1):
     return f"{k * m:.{digits}f} ± {k * sd:.{digits}f}"
 
 
+def synthetic_evals(d):
+    """A row file's synthetic evals by data file -> {"val": {"episodes": eval, "teacher-forced": eval}, "test": ...}.
+    Sections are named <kind>-<data>; files written before several data files per run named them <kind>, and their
+    data file is read from the eval's arguments."""
+    out = {}
+    for key, e in d["evals"].items():
+        kind = next((k for k in ("synthetic", "teacher-forced") if key == k or key.startswith(k + "-")), None)
+        if kind:
+            name = os.path.splitext(os.path.basename(e["args"]["data"]))[0] if "args" in e else key[len(kind) + 1:]
+            out.setdefault(name, {})["episodes" if kind == "synthetic" else "teacher-forced"] = e
+    return out
+
+
 def table(directory):
     """The Markdown results table of a preset: one line per row (the files <row>.json, or <row>-s<seed>.json for
-    seeds, aggregated as mean ± sd), in file-name order."""
+    seeds, aggregated as mean ± sd), in file-name order; task success, the teacher-forced next call and call
+    precision / recall per data file (val, then test), with the test file's long-horizon slice."""
     files = sorted(f for f in os.listdir(directory) if f.endswith(".json")) if os.path.isdir(directory) else []
     if not files:
         raise SystemExit(f"--table {directory}: no results files there (run the recipe first)")
@@ -424,24 +444,31 @@ def table(directory):
         with open(os.path.join(directory, f)) as fh:
             d = json.load(fh)
         rows.setdefault(d["row"], []).append(d)
-    head = ["row", "seeds", "eval tasks", "task success (%)", "long-horizon (%)", "next call, teacher-forced (%)",
-            "call precision / recall (%)", "BFCL ours (%)", "BFCL official (%)", "train wall time (s)", "hardware", "commit"]
+    names = sorted({n for ds in rows.values() for d in ds for n in synthetic_evals(d)}, key=lambda n: (n != "val", n))
+    head = ["row", "seeds", "eval tasks"]
+    for n in names:
+        head += [f"task success, {n} (%)", f"next call exact (teacher-forced), {n} (%)", f"call precision / recall, {n} (%)",
+                 f"long-horizon, {n} (%)"]
+    head += ["BFCL ours (%)", "BFCL official (%)", "train wall time (s)", "hardware", "commit"]
     lines = []
     for name, ds in rows.items():
-        syn = [d["evals"].get("synthetic") for d in ds]
-        summ = [e["summary"] for e in syn if e]
-        longh = [e["by_slice"].get("long_horizon", {}).get("success") for e in syn if e]
-        tf = [d["evals"]["teacher-forced"]["summary"]["exact"] for d in ds if "teacher-forced" in d["evals"]]
+        syn = [synthetic_evals(d) for d in ds]
+        line = [name, str(len(ds)), ", ".join(sorted({f"{os.path.basename(e['args']['data'])} {e['summary']['tasks']}"
+                                                      for s in syn for v in s.values() for e in [v.get("episodes")] if e})) or "-"]
+        for n in names:
+            summ = [s[n]["episodes"]["summary"] for s in syn if "episodes" in s.get(n, {})]
+            tf = [s[n]["teacher-forced"]["summary"]["exact"] for s in syn if "teacher-forced" in s.get(n, {})]
+            longh = [s[n]["episodes"]["by_slice"].get("long_horizon", {}).get("success") for s in syn if "episodes" in s.get(n, {})]
+            line += [mean_sd([x["success"] for x in summ]), mean_sd(tf),
+                     f"{mean_sd([x['precision'] for x in summ])} / {mean_sd([x['recall'] for x in summ])}" if summ else "-",
+                     mean_sd(longh)]
         bf = {k: [d["evals"][k]["bfcl"]["overall"] for d in ds if k in d["evals"]] for k in ("bfcl-ours", "bfcl-official")}
         evals = [e for d in ds for e in d["evals"].values()]
         commits = sorted({(e["commit"] or "?")[:7] + ("+dirty" if (e["commit"] or "").endswith("-dirty") else "")
                           for e in evals})
-        sets = sorted({f"{os.path.basename(e['args']['data'])} {e['summary']['tasks']}" for e in syn if e})
-        lines.append([name, str(len(ds)), ", ".join(sets) or "-", mean_sd([x["success"] for x in summ]), mean_sd(longh),
-                      mean_sd(tf), f"{mean_sd([x['precision'] for x in summ])} / {mean_sd([x['recall'] for x in summ])}"
-                      if summ else "-", mean_sd(bf["bfcl-ours"]), mean_sd(bf["bfcl-official"]),
-                      mean_sd([d["train_s"] for d in ds], pct=False, digits=0), evals[0]["hardware"] if evals else "-",
-                      ", ".join(f"`{c}`" for c in commits)])
+        line += [mean_sd(bf["bfcl-ours"]), mean_sd(bf["bfcl-official"]), mean_sd([d["train_s"] for d in ds], pct=False, digits=0),
+                 evals[0]["hardware"] if evals else "-", ", ".join(f"`{c}`" for c in commits)]
+        lines.append(line)
     keep = [k for k in range(len(head)) if any(line[k] != "-" for line in lines)]   # no column that is empty everywhere
     out = ["| " + " | ".join(head[k] for k in keep) + " |", "|" + "---|" * len(keep)]
     out += ["| " + " | ".join(line[k] for k in keep) + " |" for line in lines]
@@ -499,11 +526,41 @@ def main(args):
     if args.table:
         print(table(args.table))
         return
+    if args.max_steps is None:
+        args.max_steps = 20 if args.bench == "bfcl" else 6
     ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = M.init_runtime(args.device, args.seed)
-    master_process = ddp_rank == 0
     M.print0(json.dumps(vars(args)))
-    t0 = time.time()
     commit = commit_hash()   # now: the code this process runs, whatever happens to the work tree meanwhile
+    datas = [p.strip() for p in args.data.split(",") if p.strip()] if args.bench == "synthetic" else ["bfcl"]
+    if len(datas) != 1 and args.out_file:
+        raise SystemExit(f"--out-file names one results file: give one --data file, not {len(datas)}")
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
+    if args.samples > 1 and temperature <= 0:
+        raise SystemExit("--samples > 1 with greedy decoding gives k identical episodes; set --temperature > 0")
+
+    # the policy: a model through the batched sampler, or a control
+    ckpt, raw_model, chat, max_len = None, None, None, 0
+    if args.policy == "model":
+        ckpt = resolve_ckpt(args.ckpt)
+        raw_model, tok = M.load_model(ckpt, device)
+        raw_model.eval()
+        chat = M.Chat(tok)
+        max_len = args.max_len or raw_model.cfg.max_seq_len
+        M.print0(f"model: {ckpt} ({raw_model.num_params() / 1e6:.1f}M parameters), context {max_len} tokens, "
+                 f"temperature {temperature}")
+    model_name = os.path.basename(os.path.normpath(ckpt)) if ckpt else args.policy
+    for data in datas:
+        evaluate(args, data, commit, temperature, ckpt, raw_model, chat, max_len, model_name, ddp, ddp_rank,
+                 ddp_world_size, device)
+    M.cleanup_runtime()
+
+
+def evaluate(args, data, commit, temperature, ckpt, raw_model, chat, max_len, model_name, ddp, ddp_rank,
+             ddp_world_size, device):
+    """One eval of the policy: episodes (or --teacher-forced steps) of one data file (or BFCL), its results JSON,
+    its section of --results, and its printout."""
+    master_process = ddp_rank == 0
+    t0 = time.time()
     if args.bench == "bfcl":
         if not tools.bfcl_available():
             raise SystemExit("--bench bfcl: bfcl-eval is not installed (pip install --no-deps -r requirements-nodeps.txt)")
@@ -516,26 +573,12 @@ def main(args):
         setting = "BFCL multi-turn, prompt official" if official else \
             f"BFCL multi-turn, prompt ours (pa {args.pa}, {args.context_mode} context)"
     else:
-        tasks = spread(tools.read_tasks(args.data), args.limit)
-        data_name = os.path.splitext(os.path.basename(args.data))[0]   # val, test: names the default results file
-        setting = f"synthetic {os.path.basename(args.data)}, pa {args.pa}, {args.context_mode} context"
-    temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
-    if args.samples > 1 and temperature <= 0:
-        raise SystemExit("--samples > 1 with greedy decoding gives k identical episodes; set --temperature > 0")
+        tasks = spread(tools.read_tasks(data), args.limit)
+        data_name = os.path.splitext(os.path.basename(data))[0]   # val, test: names the default results file
+        setting = f"synthetic {os.path.basename(data)}, pa {args.pa}, {args.context_mode} context"
     if args.samples > 1:
         setting += f", {args.samples} samples at T={temperature}"
-
-    # the policy: a model through the batched sampler, or a control
-    ckpt, raw_model, chat = None, None, None
-    if args.policy == "model":
-        ckpt = resolve_ckpt(args.ckpt)
-        raw_model, tok = M.load_model(ckpt, device)
-        raw_model.eval()
-        chat = M.Chat(tok)
-        max_len = args.max_len or raw_model.cfg.max_seq_len
-        M.print0(f"model: {ckpt} ({raw_model.num_params() / 1e6:.1f}M parameters), context {max_len} tokens, "
-                 f"temperature {temperature}")
-    model_name = os.path.basename(os.path.normpath(ckpt)) if ckpt else args.policy
+    args = argparse.Namespace(**{**vars(args), "data": data})   # what this eval's results file records
 
     if args.teacher_forced:
         if args.bench != "synthetic" or raw_model is None or "messages" not in tasks[0]:
@@ -564,12 +607,11 @@ def main(args):
                 json.dump(results, f, indent=1)
             os.replace(out_file + ".tmp", out_file)
             if args.results:
-                record_results(args.results, args.row, results, "teacher-forced")
+                record_results(args.results, args.row, results, f"teacher-forced-{data_name}")
             for kind, v in by_type.items():
                 print(f"  {kind:15s} exact {fmt(v['exact'], True):>5} | function {fmt(v['function'], True):>5} of {v['steps']} steps")
             print(markdown(results))
             print(f"wrote {out_file} ({time.time() - t0:.1f} s)")
-        M.cleanup_runtime()
         return
 
     # sharded by task: all samples of a task on one rank; records carry (index, sample) to restore the order
@@ -637,7 +679,7 @@ def main(args):
     if master_process:
         results = write(records, len(records) == len(tasks) * args.samples)
         if args.results:
-            record_results(args.results, args.row, results, "synthetic" if args.bench == "synthetic" else
+            record_results(args.results, args.row, results, f"synthetic-{data_name}" if args.bench == "synthetic" else
                            f"bfcl-{args.bfcl_prompt}")
         for kind, v in results["by_type"].items():
             print(f"  {kind:15s} turns {fmt(v['turns'], True):>5} of {v['turns_n']:4d} | precision {fmt(v['precision'], True):>5} "
@@ -652,7 +694,6 @@ def main(args):
         print(f"  after a tool error: {s['stops_after_error']} of {s['after_error']} messages end the turn")
         print(markdown(results))
         print(f"wrote {out_file} ({time.time() - t0:.1f} s)")
-    M.cleanup_runtime()
 
 
 if __name__ == "__main__":

@@ -49,7 +49,15 @@ def data(tmp_path_factory):
     return str(path)
 
 
-def run(tmp_path, *flags):
+def run(tmp_path, *flags, out_file=True):
+    if not out_file:   # several data files: each eval writes its default out/eval/ file, here under tmp_path
+        cwd = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            E.main(E.parser.parse_args(list(flags) + ["--device", "cpu"]))
+        finally:
+            os.chdir(cwd)
+        return None
     out = str(tmp_path / f"r{random.random()}.json")
     E.main(E.parser.parse_args(list(flags) + ["--out-file", out, "--device", "cpu"]))
     with open(out) as f:
@@ -390,30 +398,51 @@ def test_teacher_forced_next_call_accuracy(tiny_ckpt, tmp_path, monkeypatch):
 
 
 def test_results_files_and_the_table(data, tmp_path):
-    # --results: one compact file per row (seeds as <row>-s<seed>.json); --table: the table from those files alone
+    # --results: one compact file per row (seeds as <row>-s<seed>.json), a section per data file; --table: the table
+    # from those files alone, val and test side by side
     res = tmp_path / "results" / "toy"
+    val = os.path.join(os.path.dirname(data), "val.jsonl")
+    with open(data) as f, open(val, "w") as g:
+        g.writelines(f.readlines()[:5])
     for policy, name in (("oracle", "1-oracle"), ("empty", "2-empty")):
         for seed in (0, 1):
-            run(tmp_path, "--data", data, "--policy", policy, "--results", str(res / f"{name}-s{seed}.json"),
-                "--row", f"{name} policy")
+            run(tmp_path, "--data", f"{val},{data}", "--policy", policy, "--results", str(res / f"{name}-s{seed}.json"),
+                "--row", f"{name} policy", out_file=False)
     f = json.load(open(res / "1-oracle-s0.json"))
-    assert set(f["evals"]) == {"synthetic"} and "records" not in f["evals"]["synthetic"]
-    assert f["evals"]["synthetic"]["summary"]["success"] == 1.0 and len(f["evals"]["synthetic"]["episodes"]) == 9
+    assert set(f["evals"]) == {"synthetic-val", "synthetic-test"} and "records" not in f["evals"]["synthetic-test"]
+    assert f["evals"]["synthetic-test"]["summary"]["success"] == 1.0 and len(f["evals"]["synthetic-test"]["episodes"]) == 9
+    assert len(f["evals"]["synthetic-val"]["episodes"]) == 5
     t = E.table(str(res)).splitlines()
-    assert len(t) == 4 and t[2].startswith("| 1-oracle policy | 2 | test.jsonl 9 | 100.0 ± 0.0 |")
-    assert t[3].startswith("| 2-empty policy | 2 | test.jsonl 9 | 0.0 ± 0.0 |")
-    assert "BFCL" not in t[0]   # columns empty in every row are left out
+    assert t[0].startswith("| row | seeds | eval tasks | task success, val (%) |") and "task success, test (%)" in t[0]
+    assert len(t) == 4 and t[2].startswith("| 1-oracle policy | 2 | test.jsonl 9, val.jsonl 5 | 100.0 ± 0.0 |")
+    assert t[3].startswith("| 2-empty policy | 2 | test.jsonl 9, val.jsonl 5 | 0.0 ± 0.0 |")
+    assert "BFCL" not in t[0] and "next call" not in t[0]   # columns empty in every row are left out
     out = E.compare(str(res / "1-oracle-s0.json"), str(res / "2-empty-s1.json"))
-    assert "only by A 9, only by B 0" in out and "teacher-forced" not in out
+    assert "only by A 9, only by B 0" in out and "only by A 5, only by B 0" in out and "teacher-forced" not in out
     for name, steps in (("1-oracle-s0", [True, True, False]), ("2-empty-s1", [False, True, False])):
         f = json.load(open(res / f"{name}.json"))   # a teacher-forced eval beside the episodes: paired too
-        f["evals"]["teacher-forced"] = {"episodes": {f"t#0.{i}": ok for i, ok in enumerate(steps)}}
+        f["evals"]["teacher-forced-val"] = {"episodes": {f"t#0.{i}": ok for i, ok in enumerate(steps)}}
         json.dump(f, open(res / f"{name}.json", "w"))
     out = E.compare(str(res / "1-oracle-s0.json"), str(res / "2-empty-s1.json"))
-    assert "synthetic: paired over 9 episodes: solved by both 0, only by A 9" in out
-    assert "teacher-forced: paired over 3 steps: solved by both 1, only by A 1, only by B 0, by neither 1" in out
+    assert "synthetic-test: paired over 9 episodes: solved by both 0, only by A 9" in out
+    assert "teacher-forced-val: paired over 3 steps: solved by both 1, only by A 1, only by B 0, by neither 1" in out
     with pytest.raises(SystemExit, match="no results files"):
         E.table(str(tmp_path / "nothing"))
+
+
+def test_results_files_of_one_data_file_per_run_still_tabulate(tmp_path):
+    # files written before several data files per run name their sections "synthetic" / "teacher-forced"
+    old = {"row": "1 old", "checkpoint": None, "model": "m", "train_s": 5.0,
+           "evals": {"synthetic": {"args": {"data": "data/val.jsonl"}, "commit": "abcdef1", "hardware": "CPU",
+                                   "summary": {"success": 0.25, "tasks": 4, "precision": 0.5, "recall": 0.5},
+                                   "by_slice": {}, "episodes": {}},
+                     "teacher-forced": {"args": {"data": "data/val.jsonl"}, "commit": "abcdef1", "hardware": "CPU",
+                                        "summary": {"exact": 0.5}, "episodes": {}}}}
+    (tmp_path / "1-old.json").write_text(json.dumps(old))
+    t = E.table(str(tmp_path)).splitlines()
+    assert t[0] == ("| row | seeds | eval tasks | task success, val (%) | next call exact (teacher-forced), val (%) | "
+                    "call precision / recall, val (%) | train wall time (s) | hardware | commit |")
+    assert t[2] == "| 1 old | 1 | val.jsonl 4 | 25.0 | 50.0 | 50.0 / 50.0 | 5 | CPU | `abcdef1` |"
 
 
 def test_resume_continues_an_interrupted_eval(data, tiny_ckpt, tmp_path):
