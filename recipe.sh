@@ -2,7 +2,7 @@
 # recipe.sh: the PARL-MT ablation, every row, with the stages' own CLIs (nothing hidden: read the commands below).
 #
 #   bash recipe.sh smoke     # tiny model, every row, small sizes: what CI runs (a few minutes on 2 CPU cores)
-#   bash recipe.sh cpu       # the 2-core default: tiny model from scratch, 3 seeds (about 2 hours)
+#   bash recipe.sh cpu       # the 2-core default: tiny model from scratch, 3 seeds (about 38 minutes per seed)
 #   bash recipe.sh gpu       # one GPU, SmolLM2-135M-Instruct (offline GGUF), sized for about 10 minutes on an H200
 #   bash recipe.sh gpu --force   # rerun every stage (default: a stage whose output is complete is skipped)
 #   RECIPE_SMALL=1 bash recipe.sh gpu   # the same commands at toy sizes, to check a preset where it cannot run (CPU)

@@ -1,7 +1,7 @@
 """
 sft.py: supervised warm-up on gen_data.py's trajectories (the PAG SFT stage of PARL-MT).
 
-    python sft.py                                              # CPU default: tiny model from scratch, ~4 min
+    python sft.py                                              # CPU default: tiny model from scratch, ~9 min
     python sft.py --init-from smollm2 --lr 1e-4 --seq-len 4096 # the offline SmolLM2-135M-Instruct (GGUF)
     torchrun --standalone --nproc_per_node=2 sft.py            # same global batch, same result (gloo on CPU)
     python sft.py --resume                                     # continue out/sft/ exactly where it stopped
