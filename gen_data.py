@@ -44,14 +44,21 @@ import tools
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 # data source and size
+# --world's defaults for the flags below that default to None (check_args fills them in)
+WORLD_PRESETS = {"tiny": {"domains": "files,messages", "prompt": "short", "distractor_tools": 0,
+                          "held_out_pairs": "cat+send_message,grep+reply", "test_frac": 0.025, "test_long_frac": 0.015},
+                 "full": {"domains": "all", "prompt": "full", "distractor_tools": 1,
+                          "held_out_pairs": "book_flight+send_message,place_order+write,create_event+set_brightness",
+                          "test_frac": 0.05, "test_long_frac": 0.03}}
+
 parser.add_argument("--source", choices=["synthetic", "bfcl"], default="synthetic",
                     help="synthetic: our 7 environments; bfcl: BFCL v4 multi-turn entries (the installed bfcl-eval)")
 parser.add_argument("--num-episodes", type=int, default=4000, help="synthetic SFT episodes in all (train + val + test)")
 parser.add_argument("--val-frac", type=float, default=0.05, help="fraction of --num-episodes for val (same distribution as train)")
 parser.add_argument("--test-frac", type=float, default=None, help="fraction of --num-episodes for test with held-out "
-                    "compositions. Default: --world's (tiny 0.025, full 0.05)")
+                    f"compositions. Default: --world's (tiny {WORLD_PRESETS['tiny']['test_frac']}, full {WORLD_PRESETS['full']['test_frac']})")
 parser.add_argument("--test-long-frac", type=float, default=None, help="fraction of --num-episodes for the longer-horizon "
-                    "test slice. Default: --world's (tiny 0.015, full 0.03)")
+                    f"test slice. Default: --world's (tiny {WORLD_PRESETS['tiny']['test_long_frac']}, full {WORLD_PRESETS['full']['test_long_frac']})")
 parser.add_argument("--num-rl", type=int, default=300, help="RL tasks (no trajectories), disjoint from train")
 parser.add_argument("--max-turns", type=int, default=4, help="most user turns of a train/val/rl episode (turns)")
 parser.add_argument("--long-turns", type=int, default=8, help="most user turns of a longer-horizon test episode (turns); "
@@ -63,8 +70,8 @@ parser.add_argument("--multi-intent", type=float, default=0.25, help="probabilit
 parser.add_argument("--world", choices=["tiny", "full"], default="tiny",
                     help="fills in --domains, --prompt, --distractor-tools, --held-out-pairs and the test sizes. tiny = "
                          "files and messages (26 functions), no distractor tools, the short system prompt, held-out pairs "
-                         "cat+send_message and grep+reply, a test file half the size (an eval of it fits the quick start): what a 1M-parameter model from scratch learns on 2 CPU cores "
-                         "in minutes (README); full = all 7 domains (76 functions), 1 distractor tool, the full system "
+                         "cat+send_message and grep+reply, a test file half the size (an eval of it fits the quick "
+                         "start): what a 1M-parameter model from scratch learns on 2 CPU cores in minutes (README); full = all 7 domains (76 functions), 1 distractor tool, the full system "
                          "prompt: the world of the pretrained-model runs")
 parser.add_argument("--domains", default=None,
                     help="the slice of the tool world episodes draw on (comma-separated domains, or 'all'); held-out pairs "
@@ -76,11 +83,6 @@ parser.add_argument("--prompt", choices=["full", "short"], default=None,
                          "the examples (227 fewer tokens per context). Default: --world's")
 parser.add_argument("--distractor-tools", type=int, default=None,
                     help="functions offered beyond the ones the episode uses (count). Default: --world's")
-WORLD_PRESETS = {"tiny": {"domains": "files,messages", "prompt": "short", "distractor_tools": 0,
-                          "held_out_pairs": "cat+send_message,grep+reply", "test_frac": 0.025, "test_long_frac": 0.015},
-                 "full": {"domains": "all", "prompt": "full", "distractor_tools": 1,
-                          "held_out_pairs": "book_flight+send_message,place_order+write,create_event+set_brightness",
-                          "test_frac": 0.05, "test_long_frac": 0.03}}
 parser.add_argument("--bfcl-categories", default="base,miss_func,miss_param,long_context", help="--source bfcl: categories")
 parser.add_argument("--bfcl-limit", type=int, default=0, help="--source bfcl: entries per category (0 = all)")
 parser.add_argument("--bfcl-test-frac", type=float, default=0.5, help="--source bfcl: fraction of entry ids held out for test")
