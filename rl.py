@@ -93,7 +93,7 @@ parser.add_argument("--clip-high", type=float, default=0.28, help="ratio clip ab
 parser.add_argument("--kl-coef", type=float, default=0.0, help="k3 KL penalty to the initial model (0 = no reference model)")
 parser.add_argument("--device-batch-size", type=int, default=16, help="sequences per forward/backward pass")
 # eval / checkpoint
-parser.add_argument("--eval-every", type=int, default=5, help="steps between greedy evals (0 = never)")
+parser.add_argument("--eval-every", type=int, default=10, help="steps between greedy evals, and at the start and the end (0 = never)")
 parser.add_argument("--eval-size", type=int, default=16, help="held-out tasks per eval")
 parser.add_argument("--sample-every", type=int, default=10, help="steps between transcript dumps to samples.jsonl")
 parser.add_argument("--save-every", type=int, default=5, help="steps between checkpoints (and at the end)")

@@ -85,7 +85,7 @@ parser.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
 parser.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
 parser.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm, after the DDP sync (0 = off)")
 # eval / checkpoint
-parser.add_argument("--eval-every", type=int, default=400, help="val loss + greedy task success every N steps (and at the end; 0 = end only)")
+parser.add_argument("--eval-every", type=int, default=800, help="val loss + greedy task success every N steps (and at the end; 0 = end only)")
 parser.add_argument("--eval-rows", type=int, default=16, help="val loss on at most this many packed val rows")
 parser.add_argument("--eval-tasks", type=int, default=8, help="greedy episodes on the first N val tasks (0 = skip)")
 parser.add_argument("--eval-max-new-tokens", type=int, default=160, help="greedy eval: max tokens per assistant message")
