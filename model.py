@@ -13,7 +13,6 @@ model.py: everything the stages share about the language model.
 """
 import contextlib
 import glob
-import json
 import math
 import os
 import shutil
@@ -952,7 +951,7 @@ class CacheView:
             return F.scaled_dot_product_attention(qg, *self.read(), attn_mask=self.bias)
         kp = self.cache.k[self.i][g["src"], :, :g["tp"]]  # (u, Hkv, tp, hd): one prefix per group
         vp = self.cache.v[self.i][g["src"], :, :g["tp"]]
-        u, gmax, rep, hd = kp.shape[0], g["gmax"], qg.shape[2], qg.shape[3]
+        u, gmax, rep = kp.shape[0], g["gmax"], qg.shape[2]
 
         def to_groups(x):   # (b, Hkv, rep, n) -> (u, Hkv, gmax * rep, n): a group's rows side by side
             if g["slot"] is not None:   # None: the rows are already the groups in order, all full
@@ -979,7 +978,7 @@ def forward_cached(model, cache, chunks, rows, start):
     One batched forward, however ragged: pad tokens are neither written nor read.
     """
     device = cache.k.device
-    b, t = len(chunks), max(len(c) for c in chunks)
+    t = max(len(c) for c in chunks)
     idx = torch.tensor([c + [0] * (t - len(c)) for c in chunks])    # (b, t), right-padded
     lengths = torch.tensor([len(c) for c in chunks])
     start_t = torch.tensor(start)

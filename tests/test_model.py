@@ -522,6 +522,9 @@ def test_smollm2_decode_products_agree():
             lg = [M.forward_cached(m, cache, [ids[:30 + r] for r in range(4)], [0, 1, 2, 3], [0] * 4)]
             for j in range(5):
                 lg.append(M.forward_cached(m, cache, [[ids[j]]] * 4, [0, 1, 2, 3], [30 + r + j for r in range(4)]))
+            # oneDNN: q/k/v and gate/up each one stacked product (model.linears), the other layers packed alone
+            stacked = [lin.packed is not None and "stack" in lin.packed for lin in m.modules() if isinstance(lin, M.Linear)]
+            assert sum(stacked) == (2 * m.cfg.n_layers if how == "onednn" else 0)
         out[how] = torch.stack(lg)
     for how in out:
         assert torch.allclose(out[how], out["linear"], atol=1e-3), (how, (out[how] - out["linear"]).abs().max())
