@@ -534,6 +534,17 @@ def main(args):
     datas = [p.strip() for p in args.data.split(",") if p.strip()] if args.bench == "synthetic" else ["bfcl"]
     if len(datas) != 1 and args.out_file:
         raise SystemExit(f"--out-file names one results file: give one --data file, not {len(datas)}")
+    # bad input stops here, before a model is loaded and before an earlier data file's eval has run
+    missing = [p for p in datas if args.bench == "synthetic" and not os.path.exists(p)]
+    if missing:   # as tools.read_tasks says it
+        raise SystemExit(f"{missing[0]}: not found; run python gen_data.py first")
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+    if args.bench == "bfcl":
+        if not tools.bfcl_available():
+            raise SystemExit("--bench bfcl: bfcl-eval is not installed (pip install --no-deps -r requirements-nodeps.txt)")
+        unknown = set(categories) - set(tools.BFCL_CATEGORIES)
+        if unknown:
+            raise SystemExit(f"--categories: unknown {sorted(unknown)}; choose from {tools.BFCL_CATEGORIES}")
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
     if args.samples > 1 and temperature <= 0:
         raise SystemExit("--samples > 1 with greedy decoding gives k identical episodes; set --temperature > 0")
@@ -562,12 +573,7 @@ def evaluate(args, data, commit, temperature, ckpt, raw_model, chat, max_len, mo
     master_process = ddp_rank == 0
     t0 = time.time()
     if args.bench == "bfcl":
-        if not tools.bfcl_available():
-            raise SystemExit("--bench bfcl: bfcl-eval is not installed (pip install --no-deps -r requirements-nodeps.txt)")
-        categories = [c.strip() for c in args.categories.split(",") if c.strip()]
-        unknown = set(categories) - set(tools.BFCL_CATEGORIES)
-        if unknown:
-            raise SystemExit(f"--categories: unknown {sorted(unknown)}; choose from {tools.BFCL_CATEGORIES}")
+        categories = [c.strip() for c in args.categories.split(",") if c.strip()]   # checked in main
         tasks = [t for c in categories for t in tools.bfcl_tasks(c, args.limit or None)]
         official, data_name = args.bfcl_prompt == "official", "bfcl"
         setting = "BFCL multi-turn, prompt official" if official else \

@@ -113,8 +113,8 @@ class Linear(nn.Linear):
 
 def linears(x, lins):
     """x times each of lins (Linear layers reading the same input): one product over their stacked weights when
-    decode_layout packed them together (oneDNN: fewer, larger products, about 8% less time per CPU decode step's
-    weights), else one product each."""
+    decode_layout packed them together (oneDNN: fewer, larger products; a pass over SmolLM2's weights for 8 rows
+    took 38 against 41 ms, sampling 4% faster: RESULTS.md, section 11), else one product each."""
     if lins[0].decode == "onednn" and "stack" in (lins[0].packed or {}):
         y = torch.ops.mkldnn._linear_pointwise(x, lins[0].packed["stack"], lins[0].packed["stack_bias"], "none", [], "")
         return y.split([mod.out_features for mod in lins], -1)
@@ -148,9 +148,7 @@ def _stack_decode(model, lins, rows):
             bias = None if group[0].bias is None else torch.cat([lin.bias.detach() for lin in group])
             group[0].packed = {"stack": _pack(w, "onednn", rows), "stack_bias": bias}
             left -= {id(lin) for lin in group}
-    for mod in lins:
-        if id(mod) in left:
-            mod.packed = {"onednn": _pack(mod.weight.detach(), "onednn", rows)}
+    _set_decode([mod for mod in lins if id(mod) in left], "onednn", rows)
 
 
 def fastest_decode_gemm(model, rows):
@@ -250,7 +248,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         c = self.cfg
         q, k, v = linears(x, (self.q_proj, self.k_proj, self.v_proj))
-        q, k, v = q.view(B, T, c.n_heads, c.head_dim), k.view(B, T, c.n_kv_heads, c.head_dim), v.view(B, T, c.n_kv_heads, c.head_dim)
+        q = q.view(B, T, c.n_heads, c.head_dim)
+        k, v = k.view(B, T, c.n_kv_heads, c.head_dim), v.view(B, T, c.n_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
