@@ -616,16 +616,23 @@ def test_counter_based_draws():
     assert batch.tolist() == alone and batch[1] == batch[3]
 
 
-def test_rollout_after_an_optimizer_step_reads_the_new_weights(tok):
-    # the engine keeps no copy of the weights (on CUDA: graphs captured with autocast's weight-cast cache off)
+@pytest.mark.parametrize("engine", ["static", "eager-mkl", "eager-onednn"])
+def test_rollout_after_an_optimizer_step_reads_the_new_weights(tok, engine):
+    # static: the engine keeps no copy of the weights (on CUDA: graphs captured with autocast's weight-cast cache
+    # off). eager on a CPU: decode_layout keeps its packed copies between rollouts, and must drop them once the
+    # optimizer has changed the weights
     m = tiny(tok)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = "cuda" if torch.cuda.is_available() and engine == "static" else "cpu"
     m = m.to(dev)
+    if engine != "static":
+        m._decode_gemm = {2: engine.split("-")[1]}
     eps = lambda: [FakeEpisode(2), FakeEpisode(2, user="Another prompt.")]
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    for _ in range(2):
+    for _ in range(3):
         with torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else contextlib.nullcontext():
-            out = run(m, tok, eps(), engine="static", temperature=1.0, seeds=[0, 1])
+            out = run(m, tok, eps(), engine=engine.split("-")[0], temperature=1.0, seeds=[0, 1])
+        if engine != "static":   # the packed copies are kept for the next rollout
+            assert "_decode_packs" in m.__dict__
         for row in out:   # the sampler's log-probs are the current model's
             seg = row["segments"][0]
             ids = torch.tensor([seg["ids"]], device=dev)
