@@ -204,8 +204,8 @@ def decode_layout(model, rows):
     key = (how, rows, [(id(t), t._version) for mod in lins for t in (mod.weight, mod.bias) if t is not None])
     kept = model.__dict__.get("_decode_packs")
     if kept is not None and kept[0] == key:
-        for mod, packed in zip(lins, kept[1]):
-            mod.decode, mod.decode_rows, mod.packed = None if how == "linear" else how, rows, packed
+        for mod, packed in zip(lins, kept[1]):   # only mkl/onednn layouts are kept
+            mod.decode, mod.decode_rows, mod.packed = how, rows, packed
     else:
         model.__dict__.pop("_decode_packs", None)   # stale copies go before new ones are made
         _set_decode(lins, how, rows, packs=[] if how == "onednn" else None)
